@@ -1,0 +1,5 @@
+import sys
+
+from qubesim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""The `qubesim` command: make the simulated host, enter dom0, remove it all."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qubesim import dom0, host
+from qubesim.errors import QubesimError
+from qubesim.layout import current
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qubesim",
+        description="A local simulator of the Qubes OS parts used by the qubes_infra.build collection."
+        " State lives under $QUBESIM_HOME (default /var/lib/qubesim).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "init", help="create dom0, the host's template and sys-net, sys-firewall, sys-whonix"
+    )
+    commands.add_parser("destroy", help="stop every qube and remove the simulated host")
+    enter = commands.add_parser("dom0", help="run a command (default: a shell) as in dom0")
+    enter.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    layout = current()
+    try:
+        if arguments.command == "init":
+            created = host.initialise(layout)
+            print(f"qubesim: host ready at {layout.home}" + (f"; created {', '.join(created)}" if created else ""))
+        elif arguments.command == "destroy":
+            if not host.destroy(layout):
+                print(f"qubesim: nothing to destroy at {layout.home}")
+        else:
+            host.require_root()
+            command = arguments.argv[1:] if arguments.argv[:1] == ["--"] else arguments.argv
+            dom0.enter(layout, command or ["/bin/bash", "-l"])
+    except QubesimError as error:
+        print(f"qubesim: error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0

@@ -1,0 +1,134 @@
+"""dom0: the host's root seen through a mount namespace in which /etc has a layer of its own.
+
+A small holder process keeps that namespace alive between commands, so that dom0's files (policies,
+qvm tool state) and the template mounts outlive any one `qubesim dom0` call, as they would in Qubes.
+Everything that mounts (templates, qubes) runs inside this namespace; `enter` re-executes a command
+there when it is not already.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from qubesim import linux
+from qubesim.errors import QubesimError
+from qubesim.layout import Layout
+
+# Directories every dom0 has, created in dom0's /etc layer.
+DOM0_ETC_DIRS = ("qubes/policy.d", "qubes-rpc/policy", "qubes/rpc-config")
+
+
+def _etc_layer(layout: Layout) -> tuple[Path, Path]:
+    return layout.dom0 / "etc-upper", layout.dom0 / "etc-work"
+
+
+def holder_pid(layout: Layout) -> int | None:
+    """The pid of the live dom0 holder, or None when there is none (never started, or rebooted)."""
+    try:
+        record = json.loads(layout.dom0_record.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(record["pid"])
+    return pid if linux.process_start_time(pid) == record["start_time"] else None
+
+
+def ensure_holder(layout: Layout) -> int:
+    pid = holder_pid(layout)
+    if pid is not None:
+        return pid
+    layout.runtime.mkdir(parents=True, exist_ok=True)
+    with open(layout.runtime / "dom0.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pid = holder_pid(layout)
+        if pid is None:
+            pid = _start_holder(layout)
+    return pid
+
+
+def _start_holder(layout: Layout) -> int:
+    upper, work = _etc_layer(layout)
+    upper.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    read_end, write_end = os.pipe()
+    with open(layout.log("dom0"), "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "qubesim.dom0", str(write_end)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_end,),
+            start_new_session=True,
+            env={**os.environ, "QUBESIM_HOME": str(layout.home)},
+        )
+    os.close(write_end)
+    with os.fdopen(read_end) as ready:
+        answer = ready.read().strip()
+    if answer != "ready":
+        process.wait()
+        raise QubesimError(f"dom0 could not be set up: {answer or 'see ' + str(layout.log('dom0'))}")
+    start_time = linux.process_start_time(process.pid)
+    record = {"pid": process.pid, "start_time": start_time}
+    layout.dom0_record.write_text(json.dumps(record))
+    return process.pid
+
+
+def in_dom0(pid: int) -> bool:
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino == os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
+def dom0_environment(layout: Layout) -> dict[str, str]:
+    path = os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    return {**os.environ, "QUBESIM_HOME": str(layout.home), "PATH": f"{layout.dom0_bin}:{path}"}
+
+
+def enter(layout: Layout, argv: list[str]) -> None:
+    """Run argv in dom0, replacing this process (keeps its stdio, working directory, exit code)."""
+    pid = ensure_holder(layout)
+    environment = dom0_environment(layout)
+    if in_dom0(pid):
+        os.execvpe(argv[0], argv, environment)
+    nsenter = ["nsenter", f"--target={pid}", "--mount", f"--wd={os.getcwd()}", "--"]
+    os.execvpe("nsenter", nsenter + argv, environment)
+
+
+def ensure_in_dom0(layout: Layout) -> None:
+    """Re-execute the current command inside dom0 unless it already runs there."""
+    pid = ensure_holder(layout)
+    if not in_dom0(pid):
+        enter(layout, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _hold(ready_fd: int) -> None:
+    """The holder process: make the namespace, mount dom0's /etc layer, then wait forever."""
+    from qubesim.layout import current
+
+    layout = current()
+    try:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        upper, work = _etc_layer(layout)
+        linux.mount("overlay", "/etc", "overlay", 0, f"lowerdir=/etc,upperdir={upper},workdir={work}")
+        for directory in DOM0_ETC_DIRS:
+            os.makedirs(f"/etc/{directory}", exist_ok=True)
+    except OSError as error:
+        os.write(ready_fd, f"{error}\n".encode())
+        sys.exit(1)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    _hold(int(sys.argv[1]))

@@ -1,0 +1,241 @@
+"""A qube's first process: assembles the qube's root, then plays init until the qube shuts down.
+
+It runs as pid 1 of the qube's pid namespace and makes the qube's mount, UTS, IPC and (when the qube
+has no network) network namespaces. The root follows Qubes' persistence rules: a template's root is
+its persistent overlay; an AppVM's is a fresh layer over its template's; /rw is the private volume,
+with /home and (in AppVMs) /usr/local on it. After pivot_root the host's files are out of reach.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qubesim import linux
+
+# Capabilities a qube's root does not get: they would reach through the namespaces to the host
+# (mounting its disks, loading modules, setting its clock). Name -> number from <linux/capability.h>.
+DROPPED_CAPABILITIES = {
+    "sys_module": 16,
+    "sys_rawio": 17,
+    "sys_admin": 21,
+    "sys_boot": 22,
+    "sys_time": 25,
+    "mknod": 27,
+    "mac_override": 32,
+    "mac_admin": 33,
+    "syslog": 34,
+    "perfmon": 38,
+    "bpf": 39,
+}
+NET_ADMIN = ("net_admin", 12)  # dropped too where the qube shares the host's network
+
+SHUTDOWN_GRACE_SECONDS = 10
+OLD_ROOT = "run/.oldroot"
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+USER_ID = 1000
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What the monitor tells pid 1 about the qube it is to become."""
+
+    name: str
+    klass: str
+    template_root: str  # the template's root, mounted in dom0
+    mountpoint: str
+    private: str
+    volatile: str
+    isolated_network: bool
+    qubesdb: dict[str, str]
+    services: list[str]
+
+    @property
+    def is_template(self) -> bool:
+        return self.klass == "TemplateVM"
+
+
+def dropped_capabilities(isolated_network: bool) -> dict[str, int]:
+    dropped = dict(DROPPED_CAPABILITIES)
+    if not isolated_network:
+        dropped[NET_ADMIN[0]] = NET_ADMIN[1]
+    return dropped
+
+
+def _mount_root(spec: BootSpec) -> Path:
+    root = Path(spec.mountpoint)
+    root.mkdir(parents=True, exist_ok=True)
+    if spec.is_template:
+        linux.mount(spec.template_root, str(root), None, linux.MS_BIND)
+    else:
+        upper, work = Path(spec.volatile, "upper"), Path(spec.volatile, "work")
+        upper.mkdir(parents=True)
+        work.mkdir(parents=True)
+        options = f"lowerdir={spec.template_root},upperdir={upper},workdir={work}"
+        linux.mount("overlay", str(root), "overlay", 0, options)
+    return root
+
+
+def _populate_private(spec: BootSpec) -> None:
+    """On first start, fill the private volume as Qubes does: /home from skel, /usr/local from the template."""
+    private = Path(spec.private)
+    (private / "config").mkdir(parents=True, exist_ok=True)
+    home = private / "home" / "user"
+    if not home.exists():
+        shutil.copytree(Path(spec.template_root, "etc/skel"), home, symlinks=True)
+        for path in [home, *home.rglob("*")]:
+            os.lchown(path, USER_ID, USER_ID)
+    usrlocal = private / "usrlocal"
+    if not spec.is_template and not usrlocal.exists():
+        shutil.copytree(Path(spec.template_root, "usr/local"), usrlocal, symlinks=True)
+
+
+def _bind(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    linux.mount(str(source), str(target), None, linux.MS_BIND)
+
+
+def _mount_private(spec: BootSpec, root: Path) -> None:
+    private = Path(spec.private)
+    _bind(private, root / "rw")
+    _bind(private / "home", root / "home")
+    if not spec.is_template:
+        _bind(private / "usrlocal", root / "usr/local")
+
+
+def _mount_kernel_filesystems(root: Path) -> None:
+    nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
+    linux.mount("proc", str(root / "proc"), "proc", nosuid_nodev | linux.MS_NOEXEC)
+    linux.mount("sysfs", str(root / "sys"), "sysfs", nosuid_nodev | linux.MS_NOEXEC | linux.MS_RDONLY)
+    dev = root / "dev"
+    linux.mount("tmpfs", str(dev), "tmpfs", linux.MS_NOSUID, "mode=755")
+    for device in DEVICES:
+        (dev / device).touch()
+        linux.mount(f"/dev/{device}", str(dev / device), None, linux.MS_BIND)
+    (dev / "pts").mkdir()
+    linux.mount(
+        "devpts", str(dev / "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )  # fmt: skip
+    (dev / "shm").mkdir()
+    linux.mount("tmpfs", str(dev / "shm"), "tmpfs", nosuid_nodev, "mode=1777")
+    for link, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, dev / link)
+    linux.mount("tmpfs", str(root / "run"), "tmpfs", nosuid_nodev, "mode=755")
+    linux.mount("tmpfs", str(root / "tmp"), "tmpfs", nosuid_nodev, "mode=1777")
+
+
+def _write_identity(spec: BootSpec, root: Path) -> None:
+    socket.sethostname(spec.name)
+    (root / "etc/hostname").write_text(f"{spec.name}\n")
+    (root / "etc/hosts").write_text(
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{spec.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+    database = root / "run/qubesdb"
+    for key, value in spec.qubesdb.items():
+        path = database / key.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value)
+    services = root / "run/qubes-service"
+    services.mkdir()
+    for service in spec.services:
+        (services / service).touch()
+
+
+def _pivot(root: Path) -> None:
+    os.chdir(root)
+    (root / OLD_ROOT).mkdir(parents=True)
+    subprocess.run(["pivot_root", ".", OLD_ROOT], check=True)
+    os.chdir("/")
+    linux.umount(f"/{OLD_ROOT}", linux.MNT_DETACH)
+    os.rmdir(f"/{OLD_ROOT}")
+
+
+def boot(spec: BootSpec) -> None:
+    namespaces = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+    if spec.isolated_network:
+        namespaces |= linux.CLONE_NEWNET
+    linux.unshare(namespaces)
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    if spec.isolated_network:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    root = _mount_root(spec)
+    _populate_private(spec)
+    _mount_private(spec, root)
+    _mount_kernel_filesystems(root)
+    _write_identity(spec, root)
+    _pivot(root)
+    linux.drop_bounding_capabilities(list(dropped_capabilities(spec.isolated_network).values()))
+
+
+def _run_rc_local() -> None:
+    script = "/rw/config/rc.local"
+    if not os.access(script, os.X_OK):
+        return
+    os.makedirs("/var/log/qubes", exist_ok=True)
+    environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    with open("/var/log/qubes/rc.local.log", "ab") as log:
+        subprocess.run([script], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment, cwd="/")
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def _request_shutdown(_signum: int, _frame: object) -> None:
+    raise _Shutdown
+
+
+def _reap_until_shutdown() -> None:
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            signal.pause()
+
+
+def _stop_everything() -> None:
+    """Terminate every process of the qube, then kill what is left after the grace period."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(-1, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.05)
+
+
+def run(spec: BootSpec, ready_fd: int) -> None:
+    """Become the qube; report `ready` (or the error) on ready_fd. Never returns."""
+    signal.signal(signal.SIGTERM, _request_shutdown)
+    try:
+        boot(spec)
+        _run_rc_local()
+    except _Shutdown:
+        os._exit(0)
+    except (OSError, subprocess.SubprocessError) as error:
+        os.write(ready_fd, f"cannot start {spec.name}: {error}\n".encode())
+        os._exit(1)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    try:
+        _reap_until_shutdown()
+    except _Shutdown:
+        _stop_everything()
+    sys.stdout.flush()
+    os._exit(0)

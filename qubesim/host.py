@@ -1,0 +1,95 @@
+"""Making and unmaking the simulated host: dom0, the host's template and the service qubes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+
+from qubesim import dom0, template
+from qubesim.errors import QubesimError
+from qubesim.layout import Layout
+from qubesim.model import Database, State
+from qubesim.runtime import Runtime
+from qubesim.tools import TOOL_NAMES
+
+# The service qubes of a default Qubes installation: name, label, netvm.
+SERVICE_QUBES = (
+    ("sys-net", "red", None),
+    ("sys-firewall", "green", "sys-net"),
+    ("sys-whonix", "black", "sys-firewall"),
+)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise QubesimError("qubesim needs root: it makes namespaces and mounts (run it with sudo)")
+
+
+def initialise(layout: Layout) -> list[str]:
+    """Create whatever of the simulated host is missing; return what was created."""
+    require_root()
+    template.check_host_programs()
+    layout.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dom0.ensure_in_dom0(layout)
+    database = Database(layout)
+    database.create()
+    _write_tool_shims(layout)
+    template_name = template.host_template_name()
+    created = []
+    with database.transaction() as state:
+        if template_name not in state.qubes:
+            state.add_qube(template_name, "TemplateVM", "black", None)
+            created.append(template_name)
+        state.defaults["default_template"] = state.defaults["default_template"] or template_name
+    template.prepare(layout, template_name)
+    with database.transaction() as state:
+        created.extend(_add_service_qubes(state, template_name))
+        state.defaults["default_netvm"] = state.defaults["default_netvm"] or "sys-firewall"
+    return created
+
+
+def _add_service_qubes(state: State, template_name: str) -> list[str]:
+    created = []
+    for name, label, netvm in SERVICE_QUBES:
+        if name not in state.qubes:
+            state.add_qube(name, "AppVM", label, template_name)
+            state.set_property(name, "provides_network", "True")
+            state.set_property(name, "netvm", netvm or "")
+            created.append(name)
+    return created
+
+
+def _write_tool_shims(layout: Layout) -> None:
+    """dom0's qvm tools: small scripts bound to this Python, put on PATH inside `qubesim dom0`."""
+    layout.dom0_bin.mkdir(parents=True, exist_ok=True)
+    shim = f"#!{sys.executable}\nimport sys\nfrom qubesim.tools import main\nsys.exit(main())\n"
+    for name in TOOL_NAMES:
+        path = layout.dom0_bin / name
+        if not path.exists() or path.read_text() != shim:
+            path.write_text(shim)
+        path.chmod(0o755)
+
+
+def destroy(layout: Layout) -> bool:
+    """Stop every qube and remove everything under $QUBESIM_HOME; False when there was nothing."""
+    require_root()
+    if not layout.home.exists():
+        return False
+    holder = dom0.holder_pid(layout)
+    if holder is not None:
+        dom0.ensure_in_dom0(layout)
+    database = Database(layout)
+    if database.exists():
+        runtime = Runtime(layout)
+        state = database.read()
+        for name in state.names():
+            runtime.kill(name)
+        for name in state.names():
+            if state.qubes[name]["klass"] == "TemplateVM":
+                template.unmount(layout, name)
+    if holder is not None:
+        os.kill(holder, signal.SIGTERM)
+    shutil.rmtree(layout.home)
+    return True

@@ -1,0 +1,80 @@
+"""Where qubesim keeps the simulated host: one directory tree under $QUBESIM_HOME."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "/var/lib/qubesim"
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+
+    @property
+    def database(self) -> Path:
+        return self.home / "qubes.json"
+
+    @property
+    def database_lock(self) -> Path:
+        return self.home / "qubes.lock"
+
+    @property
+    def runtime(self) -> Path:
+        """Records of running qubes; stale ones are recognised by their process start time."""
+        return self.home / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "log"
+
+    @property
+    def dom0(self) -> Path:
+        return self.home / "dom0"
+
+    @property
+    def dom0_bin(self) -> Path:
+        """The qvm tools, put first on PATH inside `qubesim dom0`."""
+        return self.dom0 / "bin"
+
+    @property
+    def dom0_record(self) -> Path:
+        return self.runtime / "dom0.json"
+
+    def qube_dir(self, name: str) -> Path:
+        return self.home / "qubes" / name
+
+    def private(self, name: str) -> Path:
+        """The private volume: /rw inside the qube, holding /home and /usr/local."""
+        return self.qube_dir(name) / "private"
+
+    def root_upper(self, name: str) -> Path:
+        """A template's persistent root layer over the host's root."""
+        return self.qube_dir(name) / "root"
+
+    def volatile(self, name: str) -> Path:
+        """An AppVM's root layer, emptied at every start."""
+        return self.qube_dir(name) / "volatile"
+
+    def template_mount(self, name: str) -> Path:
+        """Where a template's root is mounted in dom0, shared by the template and its AppVMs."""
+        return self.home / "mnt" / name
+
+    def root_mount(self, name: str) -> Path:
+        """Where a running qube's root is assembled inside its own mount namespace."""
+        return self.qube_dir(name) / "mnt"
+
+    def runtime_record(self, name: str) -> Path:
+        return self.runtime / f"{name}.json"
+
+    def qube_lock(self, name: str) -> Path:
+        return self.runtime / f"{name}.lock"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+
+def current() -> Layout:
+    return Layout(Path(os.environ.get("QUBESIM_HOME") or DEFAULT_HOME).absolute())

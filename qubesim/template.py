@@ -1,0 +1,165 @@
+"""Template roots: this machine's root with a persistent layer of the template's own.
+
+A template's root is an overlay (lower: the host's `/`, upper: the template's layer), mounted once in
+dom0 and shared: the running template uses it as its root, and every AppVM based on it stacks its own
+throw-away layer on top of it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from qubesim import linux
+from qubesim.errors import QubesimError
+from qubesim.layout import Layout
+
+# Top-level directories that make up an operating system; anything else at the top of the host's
+# root (data, checkouts) is the host's own and is removed from templates.
+SYSTEM_DIRECTORIES = frozenset(
+    {"bin", "boot", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run", "sbin", "sys"}
+    | {"tmp", "usr", "var"}
+)
+# Standard directories whose host content (homes, site-local software) is the host's own: the
+# template has them, empty.
+EMPTIED_DIRECTORIES = ("home", "root", "mnt", "media", "opt", "srv", "usr/local")
+
+USER = "user"
+USER_ID = 1000
+
+# Guest tools installed into every template: destination -> (file in qubesim/guest, mode).
+GUEST_FILES = {
+    "usr/bin/qubesdb-read": ("qubesdb-read", 0o755),
+    "usr/lib/qubes/qubesim-exec": ("qubesim-exec", 0o755),
+    "etc/qubes-rpc/qubes.VMShell": ("qubes.VMShell", 0o755),
+    "etc/qubes-rpc/qubes.VMRootShell": ("qubes.VMShell", 0o755),
+    "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),
+    "etc/sudoers.d/qubes": ("sudoers", 0o440),
+}
+REQUIRED_HOST_PROGRAMS = ("/bin/bash", "/usr/bin/sudo", "/usr/bin/setpriv", "/usr/bin/python3")
+
+
+def host_template_name() -> str:
+    """debian-12 on Debian 12: the name Qubes gives a template of this distribution."""
+    fields = {}
+    for line in Path("/etc/os-release").read_text().splitlines():
+        key, _, value = line.partition("=")
+        fields[key] = value.strip('"')
+    version = fields.get("VERSION_ID", "").split(".")[0]
+    return f"{fields.get('ID', 'linux')}-{version}" if version else fields.get("ID", "linux")
+
+
+def check_host_programs() -> None:
+    missing = [program for program in REQUIRED_HOST_PROGRAMS if not os.access(program, os.X_OK)]
+    if missing:
+        raise QubesimError(
+            "templates are made from this machine's root, which lacks "
+            + ", ".join(missing)
+            + " (install sudo, util-linux and python3)"
+        )
+
+
+def _layers(layout: Layout, name: str) -> tuple[Path, Path]:
+    return layout.root_upper(name) / "upper", layout.root_upper(name) / "work"
+
+
+def _empty(upper: Path, relative: str) -> None:
+    """An opaque directory in the upper layer: the host's content below it is not seen."""
+    target = upper / relative
+    target.mkdir(mode=0o700 if relative == "root" else 0o755, parents=True, exist_ok=True)
+    os.setxattr(target, "trusted.overlay.opaque", b"y")
+
+
+def _remove(upper: Path, relative: str) -> None:
+    """A whiteout in the upper layer: the host's entry is not seen at all."""
+    target = upper / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+def create_root(layout: Layout, name: str) -> None:
+    """Make a template's persistent layer, hiding the host's own files and qubesim's; idempotent."""
+    upper, work = _layers(layout, name)
+    if upper.exists():
+        return
+    fresh = upper.with_name("upper.new")
+    fresh.mkdir(parents=True, exist_ok=True)
+    for entry in Path("/").iterdir():
+        if entry.name not in SYSTEM_DIRECTORIES and entry.name not in EMPTIED_DIRECTORIES:
+            _remove(fresh, entry.name)
+    for relative in EMPTIED_DIRECTORIES:
+        _empty(fresh, relative)
+    if layout.home.parts[1] in SYSTEM_DIRECTORIES:
+        _remove(fresh, str(layout.home.relative_to("/")))
+    work.mkdir(parents=True, exist_ok=True)
+    fresh.rename(upper)
+
+
+def mount(layout: Layout, name: str) -> Path:
+    """Mount a template's root in dom0 (once) and return where."""
+    target = layout.template_mount(name)
+    if str(target) not in linux.mount_points():
+        upper, work = _layers(layout, name)
+        target.mkdir(parents=True, exist_ok=True)
+        linux.mount("overlay", str(target), "overlay", 0, f"lowerdir=/,upperdir={upper},workdir={work}")
+    return target
+
+
+def unmount(layout: Layout, name: str) -> None:
+    target = layout.template_mount(name)
+    if str(target) in linux.mount_points():
+        linux.umount(str(target), linux.MNT_DETACH)
+
+
+def install_guest_files(root: Path) -> None:
+    """Write the guest tools and the `user` account into a mounted template root."""
+    guest = resources.files("qubesim") / "guest"
+    for destination, (source, mode) in GUEST_FILES.items():
+        path = root / destination
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = (guest / source).read_bytes()
+        if not path.exists() or path.read_bytes() != content:
+            path.write_bytes(content)
+        os.chmod(path, mode)
+        os.chown(path, 0, 0)
+    _ensure_user(root)
+
+
+def _rewrite_entries(path: Path, dropped: Callable[[list[str]], bool], new_entry: str) -> set[str]:
+    """Replace the entries that `dropped` selects in an /etc account file; return their names."""
+    if not path.exists():
+        return set()
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not dropped(line.split(":"))]
+    removed = {line.split(":")[0] for line in lines} - {line.split(":")[0] for line in kept}
+    kept.append(new_entry)
+    if kept != lines:
+        # Writing in place keeps the file's owner and mode (shadow is root:shadow 0640).
+        with open(path, "w") as file:
+            file.write("\n".join(kept) + "\n")
+    return removed
+
+
+def _ensure_user(root: Path) -> None:
+    """Give the template the Qubes user: `user`, uid 1000, replacing a host account with that id."""
+    etc = root / "etc"
+
+    def holds_id(fields: list[str]) -> bool:
+        return fields[0] == USER or (len(fields) > 2 and fields[2] == str(USER_ID))
+
+    users = _rewrite_entries(
+        etc / "passwd", holds_id, f"{USER}:x:{USER_ID}:{USER_ID}:{USER}:/home/{USER}:/bin/bash"
+    )
+    groups = _rewrite_entries(etc / "group", holds_id, f"{USER}:x:{USER_ID}:")
+    _rewrite_entries(etc / "shadow", lambda f: f[0] in users | {USER}, f"{USER}:!:19000:0:99999:7:::")
+    _rewrite_entries(etc / "gshadow", lambda f: f[0] in groups | {USER}, f"{USER}:!::")
+
+
+def prepare(layout: Layout, name: str) -> None:
+    """Create (or refresh the guest tools of) a template from this machine's root."""
+    check_host_programs()
+    create_root(layout, name)
+    install_guest_files(mount(layout, name))

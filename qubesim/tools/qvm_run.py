@@ -1,0 +1,137 @@
+"""qvm-run: run a command (through qubes.VMShell) or a qrexec service in a qube.
+
+The call becomes the service process itself (exec), so stdout and stderr flow straight from the
+qube and the exit code is the service's. For a command, the command line goes first on the
+service's stdin, followed by ours, copied by a small feeder with splice: constant memory, any bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import shlex
+
+from qubesim.errors import QubesimError, UsageError
+from qubesim.model import ADMIN_VM
+from qubesim.tools.common import Context, parser, run
+
+CHUNK = 1 << 16
+
+
+def shell_input(command: str) -> bytes:
+    """What goes before the caller's data on qubes.VMShell's stdin: the command in a group, then
+    `exit` on the group's last line, so that the shell has read exactly these lines when the command
+    starts (any data after them is the command's input) and never executes data left unread.
+    The group keeps commands that end in `&` or a comment valid."""
+    return b"{ " + command.rstrip("\n").encode() + b"\n}; exit\n"
+
+
+def _copy_until_reader_leaves(source: int, pipe: int) -> None:
+    """Copy source to pipe; stop at end of input or as soon as nobody reads the pipe any more
+    (so that a terminal's input is not swallowed after the command has ended)."""
+    poller = select.poll()
+    poller.register(source, select.POLLIN)
+    poller.register(pipe, 0)  # POLLERR/POLLHUP are always reported: the reader has gone
+    while True:
+        for fd, events in poller.poll():
+            if fd == pipe:
+                return
+            if events & (select.POLLIN | select.POLLHUP):
+                try:
+                    moved = os.splice(source, pipe, CHUNK)
+                except OSError as error:
+                    if error.errno != errno.EINVAL:
+                        raise
+                    data = os.read(source, CHUNK)
+                    moved = len(data)
+                    if data:
+                        os.write(pipe, data)
+                if moved == 0:
+                    return
+            elif events & (select.POLLERR | select.POLLNVAL):
+                return
+
+
+def _feed(pipe: int, prefix: bytes, pass_stdin: bool) -> None:
+    try:
+        os.write(pipe, prefix)
+        if pass_stdin:
+            _copy_until_reader_leaves(0, pipe)
+    except BrokenPipeError:
+        pass
+    finally:
+        os._exit(0)
+
+
+def _exec(argv: list[str], *, prefix: bytes | None, pass_io: bool) -> None:
+    if prefix is not None:
+        read_end, write_end = os.pipe()
+        if os.fork() == 0:
+            os.close(read_end)
+            _feed(write_end, prefix, pass_io)
+        os.close(write_end)
+        os.dup2(read_end, 0)
+        os.close(read_end)
+    elif not pass_io:
+        _redirect(0, os.O_RDONLY)
+    if not pass_io:
+        _redirect(1, os.O_WRONLY)
+        _redirect(2, os.O_WRONLY)
+    os.execvp(argv[0], argv)
+
+
+def _redirect(fd: int, mode: int) -> None:
+    null = os.open(os.devnull, mode)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def _body(context: Context, arguments: argparse.Namespace) -> int:
+    name = arguments.VMNAME
+    state = context.state()
+    state.qube(name)
+    if name == ADMIN_VM:
+        raise QubesimError("running commands in dom0 with qvm-run is not supported by qubesim")
+    if arguments.no_shell:
+        raise UsageError("--no-shell is not supported by qubesim")
+    running = context.runtime.running(name)
+    if running is None:
+        if not arguments.autostart:
+            raise QubesimError(f"domain {name} is not running")
+        running = context.runtime.start(name)
+    user = arguments.user or state.get_property(name, "default_user")
+    if arguments.service:
+        if arguments.cmd_args:
+            raise UsageError("--service takes one SERVICE[+ARGUMENT] and no further arguments")
+        service, prefix = arguments.cmd, None
+    else:
+        command = " ".join([arguments.cmd, *map(shlex.quote, arguments.cmd_args)])
+        service, prefix = "qubes.VMShell", shell_input(command)
+    _exec(context.runtime.service_argv(name, running, user, service), prefix=prefix, pass_io=arguments.pass_io)
+    return 1  # not reached: _exec replaces this process
+
+
+def main(argv: list[str]) -> int:
+    tool = parser("qvm-run", "Run a command in a qube, or a qrexec service with --service.")
+    tool.add_argument("--user", "-u", help="run as this user (default: the qube's default_user)")
+    tool.add_argument("--autostart", "--auto", "-a", action="store_true", default=True,
+                      help=argparse.SUPPRESS)  # fmt: skip
+    tool.add_argument("--no-autostart", "--no-auto", "-n", dest="autostart", action="store_false",
+                      help="do not start the qube if it is halted (fail instead)")  # fmt: skip
+    tool.add_argument("--pass-io", "-p", action="store_true",
+                      help="pass stdin, stdout and stderr and return the command's exit code")  # fmt: skip
+    tool.add_argument("--gui", dest="gui", action="store_true", default=True, help=argparse.SUPPRESS)
+    tool.add_argument("--no-gui", "--nogui", dest="gui", action="store_false",
+                      help="do not use the GUI (qubesim has none)")  # fmt: skip
+    tool.add_argument("--service", action="store_true",
+                      help="COMMAND is a qrexec service name, called with the caller's stdio")  # fmt: skip
+    tool.add_argument("--no-shell", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--filter-escape-chars", "--no-filter-escape-chars", "--no-color-output",
+                 "--no-colour-output"):  # fmt: skip
+        tool.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    tool.add_argument("VMNAME")
+    tool.add_argument("cmd", metavar="COMMAND")
+    tool.add_argument("cmd_args", nargs=argparse.REMAINDER, metavar="ARG")
+    return run(tool, argv, _body)

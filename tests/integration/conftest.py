@@ -1,0 +1,63 @@
+"""Integration tests run as root inside `qubesim dom0`, against the simulated host."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
+Qvm = Callable[..., subprocess.CompletedProcess[str]]
+_counter = itertools.count()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0 or shutil.which("qvm-run") is None:
+        skip = pytest.mark.skip(reason="needs root inside `qubesim dom0` (see `make integration`)")
+        for item in items:
+            item.add_marker(skip)
+
+
+def run_tool(*argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a dom0 command; on an unexpected failure show its output."""
+    result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def qvm() -> Qvm:
+    return run_tool
+
+
+@pytest.fixture
+def new_name() -> Iterator[Callable[[], str]]:
+    """Fresh qube names for a test; whatever the test created is removed afterwards."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"t{os.getpid() % 10000}-{next(_counter)}"
+        names.append(name)
+        return name
+
+    yield make
+    for name in reversed(names):
+        run_tool("qvm-remove", "--force", name, check=False)
+
+
+@pytest.fixture
+def appvm(new_name: Callable[[], str]) -> str:
+    name = new_name()
+    run_tool("qvm-create", "--label", "red", name)
+    return name
+
+
+@pytest.fixture
+def isolated_appvm(new_name: Callable[[], str]) -> str:
+    name = new_name()
+    run_tool("qvm-create", "--label", "blue", "--property", "netvm=", name)
+    return name

@@ -1,0 +1,43 @@
+"""A qube sees its own files and network only."""
+
+from __future__ import annotations
+
+import os
+
+from tests.integration.conftest import Qvm
+
+
+def test_qube_identity(qvm: Qvm, appvm: str) -> None:
+    out = qvm("qvm-run", "--pass-io", appvm, "hostname; qubesdb-read /name; id -un; id -u; echo $HOME").stdout
+    assert out.split() == [appvm, appvm, "user", "1000", "/home/user"]
+
+
+def test_netvm_none_has_only_loopback(qvm: Qvm, isolated_appvm: str) -> None:
+    interfaces = qvm("qvm-run", "--pass-io", isolated_appvm, "ls /sys/class/net").stdout.split()
+    assert interfaces == ["lo"]
+
+
+def test_networked_qube_shares_the_host_network(qvm: Qvm, appvm: str) -> None:
+    host_interfaces = sorted(os.listdir("/sys/class/net"))
+    interfaces = qvm("qvm-run", "--pass-io", appvm, "ls /sys/class/net").stdout.split()
+    assert sorted(interfaces) == host_interfaces
+
+
+def test_qube_cannot_see_simulator_dom0_or_other_qubes(qvm: Qvm, appvm: str, isolated_appvm: str) -> None:
+    home = os.environ.get("QUBESIM_HOME", "/var/lib/qubesim")
+    qvm("qvm-run", "--pass-io", isolated_appvm, "echo secret > /home/user/secret")
+    probe = (
+        f"ls -d {home} 2>/dev/null; "
+        "grep -rl secret /home /rw 2>/dev/null; "
+        "find / -xdev -name secret 2>/dev/null; "
+        "ls /etc/qubes/policy.d 2>/dev/null; "
+        "echo done"
+    )
+    out = qvm("qvm-run", "--pass-io", "--user", "root", appvm, probe).stdout
+    assert out == "done\n"
+
+
+def test_root_in_a_qube_cannot_mount(qvm: Qvm, appvm: str) -> None:
+    result = qvm("qvm-run", "--pass-io", "--user", "root", appvm,
+                 "mount -t tmpfs none /mnt 2>&1; echo rc=$?", check=False)  # fmt: skip
+    assert "rc=0" not in result.stdout
