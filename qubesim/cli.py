@@ -13,8 +13,8 @@ from qubesim.layout import current
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qubesim",
-        description="A local simulator of the Qubes OS parts used by the qubes_infra.build collection."
-        " State lives under $QUBESIM_HOME (default /var/lib/qubesim).",
+        description="A local simulator of the Qubes OS parts that the qubes_infra.build"
+        " collection uses. State lives under $QUBESIM_HOME (default /var/lib/qubesim).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "init":
             created = host.initialise(layout)
-            print(f"qubesim: host ready at {layout.home}" + (f"; created {', '.join(created)}" if created else ""))
+            print(
+                f"qubesim: host ready at {layout.home}"
+                + (f"; created {', '.join(created)}" if created else "")
+            )
         elif arguments.command == "destroy":
             if not host.destroy(layout):
                 print(f"qubesim: nothing to destroy at {layout.home}")

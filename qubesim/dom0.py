@@ -72,7 +72,9 @@ def _start_holder(layout: Layout) -> int:
         answer = ready.read().strip()
     if answer != "ready":
         process.wait()
-        raise QubesimError(f"dom0 could not be set up: {answer or 'see ' + str(layout.log('dom0'))}")
+        raise QubesimError(
+            f"dom0 could not be set up: {answer or 'see ' + str(layout.log('dom0'))}"
+        )
     start_time = linux.process_start_time(process.pid)
     record = {"pid": process.pid, "start_time": start_time}
     layout.dom0_record.write_text(json.dumps(record))
@@ -117,7 +119,9 @@ def _hold(ready_fd: int) -> None:
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
         upper, work = _etc_layer(layout)
-        linux.mount("overlay", "/etc", "overlay", 0, f"lowerdir=/etc,upperdir={upper},workdir={work}")
+        linux.mount(
+            "overlay", "/etc", "overlay", 0, f"lowerdir=/etc,upperdir={upper},workdir={work}"
+        )
         for directory in DOM0_ETC_DIRS:
             os.makedirs(f"/etc/{directory}", exist_ok=True)
     except OSError as error:

@@ -21,7 +21,8 @@ from pathlib import Path
 from qubesim import linux
 
 # Capabilities a qube's root does not get: they would reach through the namespaces to the host
-# (mounting its disks, loading modules, setting its clock). Name -> number from <linux/capability.h>.
+# (mounting its disks, loading modules, setting its clock).
+# Name (as setpriv spells it) -> number from <linux/capability.h>.
 DROPPED_CAPABILITIES = {
     "sys_module": 16,
     "sys_rawio": 17,
@@ -84,7 +85,8 @@ def _mount_root(spec: BootSpec) -> Path:
 
 
 def _populate_private(spec: BootSpec) -> None:
-    """On first start, fill the private volume as Qubes does: /home from skel, /usr/local from the template."""
+    """On first start, fill the private volume as Qubes does: /home from skel and, in AppVMs,
+    /usr/local from the template."""
     private = Path(spec.private)
     (private / "config").mkdir(parents=True, exist_ok=True)
     home = private / "home" / "user"
@@ -113,7 +115,9 @@ def _mount_private(spec: BootSpec, root: Path) -> None:
 def _mount_kernel_filesystems(root: Path) -> None:
     nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
     linux.mount("proc", str(root / "proc"), "proc", nosuid_nodev | linux.MS_NOEXEC)
-    linux.mount("sysfs", str(root / "sys"), "sysfs", nosuid_nodev | linux.MS_NOEXEC | linux.MS_RDONLY)
+    linux.mount(
+        "sysfs", str(root / "sys"), "sysfs", nosuid_nodev | linux.MS_NOEXEC | linux.MS_RDONLY
+    )
     dev = root / "dev"
     linux.mount("tmpfs", str(dev), "tmpfs", linux.MS_NOSUID, "mode=755")
     for device in DEVICES:
@@ -121,13 +125,21 @@ def _mount_kernel_filesystems(root: Path) -> None:
         linux.mount(f"/dev/{device}", str(dev / device), None, linux.MS_BIND)
     (dev / "pts").mkdir()
     linux.mount(
-        "devpts", str(dev / "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+        "devpts",
+        str(dev / "pts"),
+        "devpts",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=620",
-    )  # fmt: skip
+    )
     (dev / "shm").mkdir()
     linux.mount("tmpfs", str(dev / "shm"), "tmpfs", nosuid_nodev, "mode=1777")
-    for link, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+    for link, target in (
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, dev / link)
     linux.mount("tmpfs", str(root / "run"), "tmpfs", nosuid_nodev, "mode=755")
     linux.mount("tmpfs", str(root / "tmp"), "tmpfs", nosuid_nodev, "mode=1777")
@@ -181,9 +193,14 @@ def _run_rc_local() -> None:
     if not os.access(script, os.X_OK):
         return
     os.makedirs("/var/log/qubes", exist_ok=True)
-    environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    environment = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+    }
     with open("/var/log/qubes/rc.local.log", "ab") as log:
-        subprocess.run([script], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment, cwd="/")
+        subprocess.run(
+            [script], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment, cwd="/"
+        )
 
 
 class _Shutdown(Exception):

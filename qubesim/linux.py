@@ -61,7 +61,7 @@ def drop_bounding_capabilities(capabilities: list[int]) -> None:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The start time of a process (clock ticks since boot), to tell a live pid from a reused one."""
+    """A process's start time (clock ticks since boot), to tell a live pid from a reused one."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             raw = stat.read()

@@ -81,9 +81,7 @@ PROPERTIES: dict[str, Property] = {
         Property("uuid", "str", lambda s, name: s.qubes[name]["uuid"], writable=False),
         Property("qid", "int", lambda s, name: s.qubes[name]["qid"], writable=False),
         Property("label", "label", _no_default),
-        Property(
-            "template", "vm", _no_default, required_class="AppVM", vm_check=_must_be_template
-        ),
+        Property("template", "vm", _no_default, required_class="AppVM", vm_check=_must_be_template),
         Property("netvm", "vm", _default_netvm, vm_only=True, vm_check=_must_provide_network),
         Property("provides_network", "bool", _constant(False), vm_only=True),
         Property("memory", "int", _constant(400), vm_only=True),
@@ -173,13 +171,16 @@ class State:
         if spec.kind == "bool":
             lowered = text.strip().lower()
             if lowered not in _TRUE | _FALSE:
-                raise QubesimError(f"invalid value for {spec.name}: {text!r} (expected True or False)")
+                raise QubesimError(
+                    f"invalid value for {spec.name}: {text!r} (expected True or False)"
+                )
             return lowered in _TRUE
         if spec.kind == "int":
             try:
                 number = int(text)
             except ValueError:
-                raise QubesimError(f"invalid value for {spec.name}: {text!r} (expected an integer)")
+                message = f"invalid value for {spec.name}: {text!r} (expected an integer)"
+                raise QubesimError(message) from None
             if number < 0:
                 raise QubesimError(f"invalid value for {spec.name}: {text!r} (must be >= 0)")
             return number
@@ -233,9 +234,12 @@ class State:
         users = []
         for other in self.names():
             for prop in ("template", "netvm", "default_dispvm"):
-                if other != name and self.has_property(other, prop):
-                    if self.get_property(other, prop) == name:
-                        users.append(f"{other} ({prop})")
+                if (
+                    other != name
+                    and self.has_property(other, prop)
+                    and self.get_property(other, prop) == name
+                ):
+                    users.append(f"{other} ({prop})")
         users.extend(f"global {key}" for key, value in self.defaults.items() if value == name)
         return users
 

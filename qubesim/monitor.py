@@ -1,8 +1,8 @@
 """The process that stands for a running qube on the host, like a hypervisor's domain.
 
-`python -m qubesim.monitor NOTIFY_FD` (the boot spec as JSON on stdin) forks the qube's pid 1 into a new pid namespace,
-records the qube as running once pid 1 reports ready, and when pid 1 ends (shutdown or kill)
-throws away the qube's volatile layer and its runtime record.
+`python -m qubesim.monitor NOTIFY_FD`, with the boot spec as JSON on stdin, forks the qube's pid 1
+into a new pid namespace, records the qube as running once pid 1 reports ready, and when pid 1 ends
+(shutdown or kill) throws away the qube's volatile layer and its runtime record.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def main(notify_fd: int) -> int:
     if answer == "ready":
         temporary = record.with_suffix(".tmp")
         temporary.write_text(
-            json.dumps({"pid": pid, "start_time": linux.process_start_time(pid), "monitor": os.getpid()})
+            json.dumps(
+                {"pid": pid, "start_time": linux.process_start_time(pid), "monitor": os.getpid()}
+            )
         )
         os.replace(temporary, record)
     os.write(notify_fd, f"{answer}\n".encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -79,7 +80,9 @@ class Runtime:
 
     def _boot_spec(self, state: State, name: str) -> BootSpec:
         record = state.qube(name)
-        template_name = name if record["klass"] == "TemplateVM" else state.get_property(name, "template")
+        template_name = (
+            name if record["klass"] == "TemplateVM" else state.get_property(name, "template")
+        )
         template_root = template.mount(self.layout, template_name)
         services = {
             key.removeprefix("service."): value
@@ -92,7 +95,10 @@ class Runtime:
             "/qubes-vm-persistence": "full" if record["klass"] == "TemplateVM" else "rw-only",
             "/qubes-vm-updateable": str(record["klass"] == "TemplateVM"),
             "/default-user": state.get_property(name, "default_user"),
-            **{f"/qubes-service/{service}": "1" if value else "0" for service, value in services.items()},
+            **{
+                f"/qubes-service/{service}": "1" if value else "0"
+                for service, value in services.items()
+            },
         }
         return BootSpec(
             name=name,
@@ -127,7 +133,9 @@ class Runtime:
             answer = notify.read().decode(errors="replace").strip()
         running = self.running(spec.name)
         if answer != "ready" or running is None:
-            raise QubesimError(answer or f"{spec.name} failed to start; see {self.layout.log(spec.name)}")
+            raise QubesimError(
+                answer or f"{spec.name} failed to start; see {self.layout.log(spec.name)}"
+            )
         return running
 
     # -- stop -------------------------------------------------------------------------------------
@@ -160,15 +168,27 @@ class Runtime:
         """The command that runs a qrexec service call in a running qube, as `user`."""
         dropped = dropped_capabilities(self.database.read().network_isolated(name))
         return [
-            "nsenter", f"--target={running.pid}", "--mount", "--uts", "--ipc", "--net", "--pid",
-            "--root", "--wd", "--",
-            "setpriv", "--bounding-set=" + ",".join(f"-{cap}" for cap in dropped), "--",
-            QREXEC_EXEC, user, source, "", service,
-        ]  # fmt: skip
+            "nsenter",
+            f"--target={running.pid}",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--pid",
+            "--root",
+            "--wd",
+            "--",
+            "setpriv",
+            "--bounding-set=" + ",".join(f"-{cap}" for cap in dropped),
+            "--",
+            QREXEC_EXEC,
+            user,
+            source,
+            "",
+            service,
+        ]
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

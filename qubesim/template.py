@@ -1,8 +1,8 @@
 """Template roots: this machine's root with a persistent layer of the template's own.
 
-A template's root is an overlay (lower: the host's `/`, upper: the template's layer), mounted once in
-dom0 and shared: the running template uses it as its root, and every AppVM based on it stacks its own
-throw-away layer on top of it.
+A template's root is an overlay (lower: the host's `/`, upper: the template's layer), mounted once
+in dom0 and shared: the running template uses it as its root, and every AppVM based on it stacks
+its own throw-away layer on top of it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def mount(layout: Layout, name: str) -> Path:
     if str(target) not in linux.mount_points():
         upper, work = _layers(layout, name)
         target.mkdir(parents=True, exist_ok=True)
-        linux.mount("overlay", str(target), "overlay", 0, f"lowerdir=/,upperdir={upper},workdir={work}")
+        linux.mount(
+            "overlay", str(target), "overlay", 0, f"lowerdir=/,upperdir={upper},workdir={work}"
+        )
     return target
 
 
@@ -154,7 +156,9 @@ def _ensure_user(root: Path) -> None:
         etc / "passwd", holds_id, f"{USER}:x:{USER_ID}:{USER_ID}:{USER}:/home/{USER}:/bin/bash"
     )
     groups = _rewrite_entries(etc / "group", holds_id, f"{USER}:x:{USER_ID}:")
-    _rewrite_entries(etc / "shadow", lambda f: f[0] in users | {USER}, f"{USER}:!:19000:0:99999:7:::")
+    _rewrite_entries(
+        etc / "shadow", lambda f: f[0] in users | {USER}, f"{USER}:!:19000:0:99999:7:::"
+    )
     _rewrite_entries(etc / "gshadow", lambda f: f[0] in groups | {USER}, f"{USER}:!::")
 
 

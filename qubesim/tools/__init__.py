@@ -8,9 +8,20 @@ import os
 import sys
 
 TOOL_NAMES = (
-    "qvm-check", "qvm-create", "qvm-features", "qvm-kill", "qvm-ls", "qvm-prefs", "qvm-remove",
-    "qvm-run", "qvm-service", "qvm-shutdown", "qvm-start", "qvm-tags", "qvm-volume",
-)  # fmt: skip
+    "qvm-check",
+    "qvm-create",
+    "qvm-features",
+    "qvm-kill",
+    "qvm-ls",
+    "qvm-prefs",
+    "qvm-remove",
+    "qvm-run",
+    "qvm-service",
+    "qvm-shutdown",
+    "qvm-start",
+    "qvm-tags",
+    "qvm-volume",
+)
 
 
 def main() -> int:

@@ -35,11 +35,24 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-create", "Create a new qube.")
-    tool.add_argument("--class", "-C", dest="cls", default="AppVM",
-                      help="the qube's class: AppVM (default) or TemplateVM")  # fmt: skip
+    tool.add_argument(
+        "--class",
+        "-C",
+        dest="cls",
+        default="AppVM",
+        help="the qube's class: AppVM (default) or TemplateVM",
+    )
     tool.add_argument("--template", "-t", help="the AppVM's template (default: default_template)")
     tool.add_argument("--label", "-l", help="the qube's label (mandatory)")
-    tool.add_argument("--property", "--prop", "-p", dest="properties", action="append", default=[],
-                      metavar="NAME=VALUE", help="set a property (may be repeated)")  # fmt: skip
+    tool.add_argument(
+        "--property",
+        "--prop",
+        "-p",
+        dest="properties",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a property (may be repeated)",
+    )
     tool.add_argument("VMNAME", help="the new qube's name")
     return run(tool, argv, _body)

@@ -38,8 +38,9 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-features", "List, get, set or unset qube features.")
-    tool.add_argument("--unset", "--default", "--delete", "-D", action="store_true",
-                      help="remove the feature")  # fmt: skip
+    tool.add_argument(
+        "--unset", "--default", "--delete", "-D", action="store_true", help="remove the feature"
+    )
     tool.add_argument("VMNAME")
     tool.add_argument("feature", nargs="?", metavar="FEATURE")
     tool.add_argument("value", nargs="?", metavar="VALUE")

@@ -39,7 +39,9 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
     if arguments.raw_list:
         print("\n".join(names))
         return
-    fields = [field.strip().lower() for field in (arguments.fields or ",".join(DEFAULT_FIELDS)).split(",")]
+    fields = [
+        field.strip().lower() for field in (arguments.fields or ",".join(DEFAULT_FIELDS)).split(",")
+    ]
     for field in fields:
         if field not in ("state", "class") and field not in PROPERTIES:
             raise UsageError(f"no such field: {field!r}")
@@ -51,14 +53,18 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
     table = [[field.upper() for field in fields], *rows]
     widths = [max(len(row[column]) for row in table) for column in range(len(fields))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-ls", "List qubes and their properties.")
     tool.add_argument("--raw-list", action="store_true", help="only the names, one per line")
     tool.add_argument("--raw-data", action="store_true", help="no header; fields separated by '|'")
-    tool.add_argument("--fields", "-O", help="comma-separated fields (default: " + ",".join(DEFAULT_FIELDS) + ")")
+    tool.add_argument(
+        "--fields", "-O", help="comma-separated fields (default: " + ",".join(DEFAULT_FIELDS) + ")"
+    )
     tool.add_argument("--running", action="store_true", help="only running qubes")
     tool.add_argument("--halted", action="store_true", help="only halted qubes")
     tool.add_argument("VMNAME", nargs="*")

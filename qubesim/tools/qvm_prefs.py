@@ -42,7 +42,9 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-prefs", "List, get, set or reset qube properties.")
-    tool.add_argument("--default", "-D", action="store_true", help="reset the property to its default")
+    tool.add_argument(
+        "--default", "-D", action="store_true", help="reset the property to its default"
+    )
     tool.add_argument("--hide-default", action="store_true", help="when listing, skip defaults")
     tool.add_argument("VMNAME")
     tool.add_argument("property", nargs="?", metavar="PROPERTY")

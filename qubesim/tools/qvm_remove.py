@@ -52,7 +52,8 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-remove", "Remove qubes.")
-    tool.add_argument("--force", "-f", action="store_true",
-                      help="do not ask for confirmation; kill running qubes")  # fmt: skip
+    tool.add_argument(
+        "--force", "-f", action="store_true", help="do not ask for confirmation; kill running qubes"
+    )
     tool.add_argument("VMNAME", nargs="+")
     return run(tool, argv, _body)

@@ -109,27 +109,56 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
     else:
         command = " ".join([arguments.cmd, *map(shlex.quote, arguments.cmd_args)])
         service, prefix = "qubes.VMShell", shell_input(command)
-    _exec(context.runtime.service_argv(name, running, user, service), prefix=prefix, pass_io=arguments.pass_io)
+    _exec(
+        context.runtime.service_argv(name, running, user, service),
+        prefix=prefix,
+        pass_io=arguments.pass_io,
+    )
     return 1  # not reached: _exec replaces this process
 
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-run", "Run a command in a qube, or a qrexec service with --service.")
     tool.add_argument("--user", "-u", help="run as this user (default: the qube's default_user)")
-    tool.add_argument("--autostart", "--auto", "-a", action="store_true", default=True,
-                      help=argparse.SUPPRESS)  # fmt: skip
-    tool.add_argument("--no-autostart", "--no-auto", "-n", dest="autostart", action="store_false",
-                      help="do not start the qube if it is halted (fail instead)")  # fmt: skip
-    tool.add_argument("--pass-io", "-p", action="store_true",
-                      help="pass stdin, stdout and stderr and return the command's exit code")  # fmt: skip
-    tool.add_argument("--gui", dest="gui", action="store_true", default=True, help=argparse.SUPPRESS)
-    tool.add_argument("--no-gui", "--nogui", dest="gui", action="store_false",
-                      help="do not use the GUI (qubesim has none)")  # fmt: skip
-    tool.add_argument("--service", action="store_true",
-                      help="COMMAND is a qrexec service name, called with the caller's stdio")  # fmt: skip
+    tool.add_argument(
+        "--autostart", "--auto", "-a", action="store_true", default=True, help=argparse.SUPPRESS
+    )
+    tool.add_argument(
+        "--no-autostart",
+        "--no-auto",
+        "-n",
+        dest="autostart",
+        action="store_false",
+        help="do not start the qube if it is halted (fail instead)",
+    )
+    tool.add_argument(
+        "--pass-io",
+        "-p",
+        action="store_true",
+        help="pass stdin, stdout and stderr and return the command's exit code",
+    )
+    tool.add_argument(
+        "--gui", dest="gui", action="store_true", default=True, help=argparse.SUPPRESS
+    )
+    tool.add_argument(
+        "--no-gui",
+        "--nogui",
+        dest="gui",
+        action="store_false",
+        help="do not use the GUI (qubesim has none)",
+    )
+    tool.add_argument(
+        "--service",
+        action="store_true",
+        help="COMMAND is a qrexec service name, called with the caller's stdio",
+    )
     tool.add_argument("--no-shell", action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--filter-escape-chars", "--no-filter-escape-chars", "--no-color-output",
-                 "--no-colour-output"):  # fmt: skip
+    for flag in (
+        "--filter-escape-chars",
+        "--no-filter-escape-chars",
+        "--no-color-output",
+        "--no-colour-output",
+    ):
         tool.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     tool.add_argument("VMNAME")
     tool.add_argument("cmd", metavar="COMMAND")

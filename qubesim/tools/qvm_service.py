@@ -38,7 +38,9 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
         return 0
     features = context.state().qube(name)["features"]
     if arguments.service is None:
-        services = {key[len(PREFIX) :]: value for key, value in features.items() if key.startswith(PREFIX)}
+        services = {
+            key[len(PREFIX) :]: value for key, value in features.items() if key.startswith(PREFIX)
+        }
         width = max(map(len, services), default=0)
         for service in sorted(services):
             print(f"{service.ljust(width)}  {_state_word(services[service])}")

@@ -34,11 +34,20 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
 def main(argv: list[str]) -> int:
     tool = parser("qvm-shutdown", "Shut qubes down.")
     tool.add_argument("--all", action="store_true", help="every qube but dom0")
-    tool.add_argument("--exclude", action="append", default=[], metavar="VMNAME",
-                      help="with --all: leave this qube running (may be repeated)")  # fmt: skip
+    tool.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="VMNAME",
+        help="with --all: leave this qube running (may be repeated)",
+    )
     tool.add_argument("--wait", action="store_true", help="wait until the qubes are halted")
-    tool.add_argument("--timeout", type=float, default=60,
-                      help="with --wait: fail after this many seconds (default 60)")  # fmt: skip
+    tool.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        help="with --wait: fail after this many seconds (default 60)",
+    )
     tool.add_argument("--force", action="store_true", help="accepted for compatibility")
     tool.add_argument("VMNAME", nargs="*")
     return run(tool, argv, _body)

@@ -30,7 +30,8 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     tool = parser("qvm-start", "Start qubes.")
-    tool.add_argument("--skip-if-running", action="store_true",
-                      help="do not fail for a qube that already runs")  # fmt: skip
+    tool.add_argument(
+        "--skip-if-running", action="store_true", help="do not fail for a qube that already runs"
+    )
     tool.add_argument("VMNAME", nargs="+")
     return run(tool, argv, _body)

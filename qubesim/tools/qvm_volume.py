@@ -32,7 +32,9 @@ def _info(state: State, reference: str) -> dict[str, str]:
         "pool": "varlibqubes",
         "vid": f"{qube}/{volume}",
         "rw": "True" if volume != "kernel" else "False",
-        "source": "" if volume != "root" or klass == "TemplateVM" else f"{state.get_property(qube, 'template')}/root",
+        "source": ""
+        if volume != "root" or klass == "TemplateVM"
+        else f"{state.get_property(qube, 'template')}/root",
         "save_on_stop": str(volume == "private" or (volume == "root" and klass == "TemplateVM")),
         "snap_on_start": str(volume == "root" and klass != "TemplateVM"),
         "size": str(volumes[volume]),

@@ -21,11 +21,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-def run_tool(*argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    *argv: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run a dom0 command; on an unexpected failure show its output."""
     result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
-        raise AssertionError(f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 

@@ -8,7 +8,9 @@ from tests.integration.conftest import Qvm
 
 
 def test_qube_identity(qvm: Qvm, appvm: str) -> None:
-    out = qvm("qvm-run", "--pass-io", appvm, "hostname; qubesdb-read /name; id -un; id -u; echo $HOME").stdout
+    out = qvm(
+        "qvm-run", "--pass-io", appvm, "hostname; qubesdb-read /name; id -un; id -u; echo $HOME"
+    ).stdout
     assert out.split() == [appvm, appvm, "user", "1000", "/home/user"]
 
 
@@ -23,7 +25,9 @@ def test_networked_qube_shares_the_host_network(qvm: Qvm, appvm: str) -> None:
     assert sorted(interfaces) == host_interfaces
 
 
-def test_qube_cannot_see_simulator_dom0_or_other_qubes(qvm: Qvm, appvm: str, isolated_appvm: str) -> None:
+def test_qube_cannot_see_simulator_dom0_or_other_qubes(
+    qvm: Qvm, appvm: str, isolated_appvm: str
+) -> None:
     home = os.environ.get("QUBESIM_HOME", "/var/lib/qubesim")
     qvm("qvm-run", "--pass-io", isolated_appvm, "echo secret > /home/user/secret")
     probe = (
@@ -38,6 +42,13 @@ def test_qube_cannot_see_simulator_dom0_or_other_qubes(qvm: Qvm, appvm: str, iso
 
 
 def test_root_in_a_qube_cannot_mount(qvm: Qvm, appvm: str) -> None:
-    result = qvm("qvm-run", "--pass-io", "--user", "root", appvm,
-                 "mount -t tmpfs none /mnt 2>&1; echo rc=$?", check=False)  # fmt: skip
+    result = qvm(
+        "qvm-run",
+        "--pass-io",
+        "--user",
+        "root",
+        appvm,
+        "mount -t tmpfs none /mnt 2>&1; echo rc=$?",
+        check=False,
+    )
     assert "rc=0" not in result.stdout

@@ -13,10 +13,21 @@ def _sh(qvm: Qvm, qube: str, command: str, user: str = "user") -> str:
 
 def test_appvm_root_is_reset_but_private_data_persists(qvm: Qvm, appvm: str) -> None:
     _sh(qvm, appvm, "echo volatile > /etc/marker && echo private > /rw/marker", user="root")
-    _sh(qvm, appvm, "echo home > /home/user/marker && mkdir -p /usr/local/share && echo local > /usr/local/share/marker", user="root")
+    _sh(
+        qvm,
+        appvm,
+        "echo home > /home/user/marker"
+        " && mkdir -p /usr/local/share && echo local > /usr/local/share/marker",
+        user="root",
+    )
     qvm("qvm-shutdown", "--wait", appvm)
     qvm("qvm-start", appvm)
-    after = _sh(qvm, appvm, "for f in /etc/marker /rw/marker /home/user/marker /usr/local/share/marker; do cat $f 2>/dev/null || echo missing; done")
+    after = _sh(
+        qvm,
+        appvm,
+        "for f in /etc/marker /rw/marker /home/user/marker /usr/local/share/marker;"
+        " do cat $f 2>/dev/null || echo missing; done",
+    )
     assert after.split() == ["missing", "private", "home", "local"]
 
 
@@ -33,7 +44,14 @@ def test_template_changes_reach_appvms_after_restart(qvm: Qvm, new_name: Callabl
 
 
 def test_rc_local_runs_at_start(qvm: Qvm, appvm: str) -> None:
-    _sh(qvm, appvm, "mkdir -p /rw/config && printf '#!/bin/sh\\nhostname > /run/rc-local-ran\\n' > /rw/config/rc.local && chmod +x /rw/config/rc.local", user="root")
+    _sh(
+        qvm,
+        appvm,
+        "mkdir -p /rw/config"
+        " && printf '#!/bin/sh\\nhostname > /run/rc-local-ran\\n' > /rw/config/rc.local"
+        " && chmod +x /rw/config/rc.local",
+        user="root",
+    )
     qvm("qvm-shutdown", "--wait", appvm)
     assert _sh(qvm, appvm, "cat /run/rc-local-ran") == f"{appvm}\n"
 

@@ -48,7 +48,9 @@ def test_user_root_and_root_shell_service(qvm: Qvm, appvm: str) -> None:
 def test_vmshell_reads_data_after_the_command_line(qvm: Qvm, appvm: str) -> None:
     """The property Ansible relies on: a command and its input share the shell's stdin."""
     script = "head -c 5 > /tmp/got; cat /tmp/got; exit 3\nHELLOand-never-executed: rm -rf ~\n"
-    result = qvm("qvm-run", "--pass-io", "--service", appvm, "qubes.VMShell", input=script, check=False)
+    result = qvm(
+        "qvm-run", "--pass-io", "--service", appvm, "qubes.VMShell", input=script, check=False
+    )
     assert (result.returncode, result.stdout) == (3, "HELLO")
 
 
@@ -68,7 +70,7 @@ def test_100_megabytes_round_trip_in_bounded_memory(qvm: Qvm, appvm: str, tmp_pa
         for _ in range(100):
             out.write(os.urandom(1 << 20))
     qvm("qvm-start", appvm)
-    # A separate interpreter runs qvm-run so that its peak RSS (and its children's) is measured alone.
+    # A separate interpreter runs qvm-run, so that the peak RSS of qvm-run is measured alone.
     measure = (
         "import hashlib, json, resource, subprocess, sys\n"
         "digest = hashlib.sha256()\n"
@@ -80,8 +82,13 @@ def test_100_megabytes_round_trip_in_bounded_memory(qvm: Qvm, appvm: str, tmp_pa
         "print(json.dumps({'rc': process.wait(), 'sha256': digest.hexdigest(),"
         " 'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
     )
-    output = subprocess.run([sys.executable, "-c", measure, str(source), appvm],
-                            capture_output=True, text=True, check=True, timeout=300)  # fmt: skip
+    output = subprocess.run(
+        [sys.executable, "-c", measure, str(source), appvm],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     result = json.loads(output.stdout)
     assert result["rc"] == 0
     assert result["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
@@ -90,21 +97,33 @@ def test_100_megabytes_round_trip_in_bounded_memory(qvm: Qvm, appvm: str, tmp_pa
 
 def test_binary_data_flows_both_ways_through_a_command(qvm: Qvm, appvm: str) -> None:
     data = bytes(range(256)) * 1024
-    result = subprocess.run(["qvm-run", "--pass-io", appvm, "cat; printf '\\000\\377'"],
-                            input=data, capture_output=True, check=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["qvm-run", "--pass-io", appvm, "cat; printf '\\000\\377'"],
+        input=data,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
     assert result.stdout == data + b"\x00\xff"
 
 
 def test_twenty_concurrent_calls(qvm: Qvm, appvm: str) -> None:
     qvm("qvm-start", appvm)
     with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(lambda n: qvm("qvm-run", "--pass-io", appvm, f"echo {n}"), range(20)))
+        results = list(
+            pool.map(lambda n: qvm("qvm-run", "--pass-io", appvm, f"echo {n}"), range(20))
+        )
     assert [result.stdout for result in results] == [f"{n}\n" for n in range(20)]
 
 
 def test_twenty_concurrent_autostarts_of_one_halted_qube(qvm: Qvm, appvm: str) -> None:
     with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(lambda _: qvm("qvm-run", "--pass-io", appvm, "cat /proc/1/stat | cut -d' ' -f1"), range(20)))
+        results = list(
+            pool.map(
+                lambda _: qvm("qvm-run", "--pass-io", appvm, "cat /proc/1/stat | cut -d' ' -f1"),
+                range(20),
+            )
+        )
     assert {result.stdout for result in results} == {"1\n"}
 
 

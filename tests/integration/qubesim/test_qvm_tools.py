@@ -23,12 +23,17 @@ PROPERTY_VALUES = {
 }
 
 
-def test_qvm_prefs_round_trips_every_property(qvm: Qvm, appvm: str, new_name: Callable[[], str]) -> None:
+def test_qvm_prefs_round_trips_every_property(
+    qvm: Qvm, appvm: str, new_name: Callable[[], str]
+) -> None:
     dispvm_template = new_name()
     qvm("qvm-create", "--label", "red", "--property", "template_for_dispvms=True", dispvm_template)
     host_template = qvm("qvm-prefs", appvm, "template").stdout.strip()
-    values = {**PROPERTY_VALUES, "template": (host_template, host_template),
-              "default_dispvm": (dispvm_template, dispvm_template)}  # fmt: skip
+    values = {
+        **PROPERTY_VALUES,
+        "template": (host_template, host_template),
+        "default_dispvm": (dispvm_template, dispvm_template),
+    }
     for prop, (value, shown) in values.items():
         qvm("qvm-prefs", appvm, prop, value)
         assert qvm("qvm-prefs", appvm, prop).stdout == f"{shown}\n", prop
@@ -55,7 +60,9 @@ def test_qvm_prefs_round_trips_every_property(qvm: Qvm, appvm: str, new_name: Ca
         ("template", "sys-net", "is not a TemplateVM"),
     ],
 )
-def test_qvm_prefs_rejects_bad_values(qvm: Qvm, appvm: str, prop: str, value: str, message: str) -> None:
+def test_qvm_prefs_rejects_bad_values(
+    qvm: Qvm, appvm: str, prop: str, value: str, message: str
+) -> None:
     before = qvm("qvm-prefs", appvm).stdout
     result = qvm("qvm-prefs", appvm, prop, value, check=False)
     assert result.returncode != 0
@@ -87,7 +94,10 @@ def test_qvm_create_errors(qvm: Qvm, appvm: str, new_name: Callable[[], str]) ->
         (["--label", "red", appvm], "already exists"),
         ([name], "--label option is mandatory"),
         (["--label", "pink", name], "no such label: 'pink'"),
-        (["--label", "red", "--template", "no-such-template", name], "no such domain: 'no-such-template'"),
+        (
+            ["--label", "red", "--template", "no-such-template", name],
+            "no such domain: 'no-such-template'",
+        ),
         (["--label", "red", "--template", appvm, name], "is not a TemplateVM"),
         (["--class", "DispVM", "--label", "red", name], "unsupported class"),
     ]
@@ -148,7 +158,9 @@ def test_qvm_service_reaches_the_qube(qvm: Qvm, appvm: str) -> None:
     qvm("qvm-service", appvm, "crond", "on")
     qvm("qvm-service", "--disable", "cups", appvm)
     assert qvm("qvm-service", appvm).stdout.split() == ["crond", "on", "cups", "off"]
-    inside = qvm("qvm-run", "--pass-io", appvm, "ls /run/qubes-service; qubesdb-read /qubes-service/cups")
+    inside = qvm(
+        "qvm-run", "--pass-io", appvm, "ls /run/qubes-service; qubesdb-read /qubes-service/cups"
+    )
     assert inside.stdout.split() == ["crond", "0"]
 
 
@@ -164,8 +176,15 @@ def test_qvm_ls_formats(qvm: Qvm, appvm: str) -> None:
 
 
 def test_tools_need_an_existing_qube(qvm: Qvm) -> None:
-    for argv in (["qvm-prefs", "nope"], ["qvm-start", "nope"], ["qvm-tags", "nope"],
-                 ["qvm-features", "nope"], ["qvm-service", "nope"], ["qvm-kill", "nope"],
-                 ["qvm-shutdown", "nope"], ["qvm-volume", "info", "nope:private"]):  # fmt: skip
+    for argv in (
+        ["qvm-prefs", "nope"],
+        ["qvm-start", "nope"],
+        ["qvm-tags", "nope"],
+        ["qvm-features", "nope"],
+        ["qvm-service", "nope"],
+        ["qvm-kill", "nope"],
+        ["qvm-shutdown", "nope"],
+        ["qvm-volume", "info", "nope:private"],
+    ):
         result = qvm(*argv, check=False)
         assert (result.returncode, "no such domain: 'nope'" in result.stderr) == (2, True), argv

@@ -11,8 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.skipif(shutil.which("ansible-playbook") is None, reason="ansible-playbook not installed")
+@pytest.mark.skipif(
+    shutil.which("ansible-playbook") is None, reason="ansible-playbook not installed"
+)
 def test_site_playbook_runs_in_dom0() -> None:
-    result = subprocess.run(["ansible-playbook", "site.yml"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["ansible-playbook", "site.yml"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "failed=0" in result.stdout

@@ -69,7 +69,12 @@ def test_typed_values(state: State) -> None:
     state.set_property("work", "provides_network", "yes")
     assert state.get_property("work", "memory") == 1024
     assert state.get_property("work", "provides_network") is True
-    for prop, value in (("memory", "-1"), ("memory", "1k"), ("vcpus", ""), ("provides_network", "2")):
+    for prop, value in (
+        ("memory", "-1"),
+        ("memory", "1k"),
+        ("vcpus", ""),
+        ("provides_network", "2"),
+    ):
         with pytest.raises(QubesimError, match="invalid value"):
             state.set_property("work", prop, value)
 
@@ -86,6 +91,9 @@ def test_add_qube_rules(state: State) -> None:
 
 def test_dependents(state: State) -> None:
     assert state.dependents("debian-12") == [
-        "sys-firewall (template)", "sys-net (template)", "work (template)", "global default_template"
-    ]  # fmt: skip
+        "sys-firewall (template)",
+        "sys-net (template)",
+        "work (template)",
+        "global default_template",
+    ]
     assert "work (netvm)" in state.dependents("sys-firewall")

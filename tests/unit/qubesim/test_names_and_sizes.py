@@ -14,10 +14,20 @@ def test_valid_qube_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "rule"),
-    [("", "empty"), ("a" * 32, "shorter than 32"), ("1a", "illegal"), ("a b", "illegal"),
-     ("a.b", "illegal"), ("a/b", "illegal"), ("é", "illegal"), ("sys-dm", "-dm"),
-     ("none", "reserved"), ("default", "reserved"), ("dom0", "reserved")],
-)  # fmt: skip
+    [
+        ("", "empty"),
+        ("a" * 32, "shorter than 32"),
+        ("1a", "illegal"),
+        ("a b", "illegal"),
+        ("a.b", "illegal"),
+        ("a/b", "illegal"),
+        ("é", "illegal"),
+        ("sys-dm", "-dm"),
+        ("none", "reserved"),
+        ("default", "reserved"),
+        ("dom0", "reserved"),
+    ],
+)
 def test_invalid_qube_names_name_the_rule(name: str, rule: str) -> None:
     with pytest.raises(UsageError, match=rule):
         validate_qube_name(name)
@@ -31,9 +41,16 @@ def test_labels() -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("1024", 1024), ("20GiB", 20 * 1024**3), ("20Gi", 20 * 1024**3), ("20G", 20 * 10**9),
-     ("512 MiB", 512 * 1024**2), ("1tb", 10**12), ("3k", 3000)],
-)  # fmt: skip
+    [
+        ("1024", 1024),
+        ("20GiB", 20 * 1024**3),
+        ("20Gi", 20 * 1024**3),
+        ("20G", 20 * 10**9),
+        ("512 MiB", 512 * 1024**2),
+        ("1tb", 10**12),
+        ("3k", 3000),
+    ],
+)
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
 

@@ -19,8 +19,12 @@ from qubesim.tools.qvm_run import shell_input
         ("printf '%s' \"$((6 * 7))\"", b"", b"42"),
     ],
 )
-def test_data_after_the_command_is_input_never_code(command: str, data: bytes, expected: bytes) -> None:
-    result = subprocess.run(["bash"], input=shell_input(command) + data, capture_output=True, timeout=10)
+def test_data_after_the_command_is_input_never_code(
+    command: str, data: bytes, expected: bytes
+) -> None:
+    result = subprocess.run(
+        ["bash"], input=shell_input(command) + data, capture_output=True, timeout=10
+    )
     assert result.stdout == expected
 
 
