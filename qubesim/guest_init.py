@@ -203,6 +203,14 @@ def _run_rc_local() -> None:
         )
 
 
+def _detach_from_host_log() -> None:
+    """Pid 1's stdio is the host's log file: keep it out of the qube's reach (/proc/1/fd)."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
 class _Shutdown(Exception):
     pass
 
@@ -250,6 +258,7 @@ def run(spec: BootSpec, ready_fd: int) -> None:
         os._exit(1)
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
+    _detach_from_host_log()
     try:
         _reap_until_shutdown()
     except _Shutdown:
