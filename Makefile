@@ -1,0 +1,83 @@
+# Two promises: `make demo` runs the infrastructure on the simulator, `make test` runs every test.
+# Both start from a fresh Debian 12 machine as root and install what they need; rerunning is cheap.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# The tools installed in the virtual environment come first (ansible-lint, ansible-test expect it).
+export PATH := $(BIN):$(PATH)
+QUBESIM := $(BIN)/qubesim
+# Debian packages the simulator and the tests run on (qubesim builds its template from this root).
+APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make
+ANSIBLE_TEST_PIP := 24.2
+SANITY_TREE := $(or $(TMPDIR),/tmp)/qubes_infra-sanity
+COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
+# What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
+NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
+
+.PHONY: help demo test bootstrap apt lint sanity unit integration clean
+
+help:
+	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host)"
+	@echo "make test   - lint, sanity, unit and integration tests"
+	@echo "make lint | sanity | unit | integration - one test layer"
+	@echo "make clean  - remove the virtual environment and the simulated host"
+
+demo: bootstrap
+	$(QUBESIM) init
+	$(QUBESIM) dom0 -- bash -c 'qvm-check --quiet demo 2>/dev/null || qvm-create --label red demo; \
+	  qvm-run --pass-io demo "echo hello from \$$(hostname): \$$(id -un) in a qube with \$$(ls /sys/class/net | tr \"\n\" \" \")"'
+
+test: lint sanity unit integration
+
+bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK)
+
+# apt runs only when a package is missing, so that reruns stay fast.
+apt:
+	@installed=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -cx installed || true); \
+	if [ "$$installed" -ne $(words $(APT_PACKAGES)) ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+$(VENV)/.installed: pyproject.toml | apt
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+$(COLLECTION_LINK):
+	mkdir -p $(dir $@)
+	ln -sfn ../../.. $@
+
+lint: bootstrap
+	ruff check .
+	ruff format --check .
+	antsibull-changelog lint
+	ansible-lint --profile production
+
+# ansible-test needs the collection at .../ansible_collections/NAMESPACE/NAME; it checks a copy of
+# what the artifact contains. Its virtualenvs are seeded offline (tests/utils/get_pip.py).
+sanity: bootstrap
+	rm -rf $(SANITY_TREE)
+	mkdir -p $(SANITY_TREE)/ansible_collections/qubes_infra/build ~/.ansible/test/cache
+	install -m 0644 tests/utils/get_pip.py ~/.ansible/test/cache/get_pip_$(subst .,_,$(ANSIBLE_TEST_PIP)).py
+	git ls-files --cached --others --exclude-standard | grep -vE '$(NOT_COLLECTION)' \
+	  | while read -r file; do [ -e "$$file" ] && echo "$$file"; done \
+	  | xargs -d '\n' cp --parents -t $(SANITY_TREE)/ansible_collections/qubes_infra/build
+	cd $(SANITY_TREE)/ansible_collections/qubes_infra/build && \
+	  ansible-test sanity --venv --python 3.11 --color no
+
+unit: bootstrap
+	pytest tests/unit
+
+# Root and the simulated host: the tests run inside dom0, as a real dom0's admin would run them.
+integration: bootstrap
+	$(QUBESIM) init
+	$(QUBESIM) dom0 -- pytest tests/integration
+
+clean:
+	-[ -x $(QUBESIM) ] && $(QUBESIM) destroy
+	rm -rf $(VENV) .collections tests/output
