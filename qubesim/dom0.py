@@ -12,11 +12,10 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from qubesim import linux
+from qubesim import daemon, linux
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 
@@ -55,30 +54,12 @@ def _start_holder(layout: Layout) -> int:
     upper, work = _etc_layer(layout)
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    layout.logs.mkdir(parents=True, exist_ok=True)
-    read_end, write_end = os.pipe()
-    with open(layout.log("dom0"), "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "qubesim.dom0", str(write_end)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(write_end,),
-            start_new_session=True,
-            env={**os.environ, "QUBESIM_HOME": str(layout.home)},
-        )
-    os.close(write_end)
-    with os.fdopen(read_end) as ready:
-        answer = ready.read().strip()
-    if answer != "ready":
-        process.wait()
-        raise QubesimError(
-            f"dom0 could not be set up: {answer or 'see ' + str(layout.log('dom0'))}"
-        )
-    start_time = linux.process_start_time(process.pid)
-    record = {"pid": process.pid, "start_time": start_time}
+    pid, answer = daemon.spawn(layout, "qubesim.dom0", "dom0")
+    if answer != daemon.READY:
+        raise QubesimError(f"dom0 could not be set up: {answer}")
+    record = {"pid": pid, "start_time": linux.process_start_time(pid)}
     layout.dom0_record.write_text(json.dumps(record))
-    return process.pid
+    return pid
 
 
 def in_dom0(pid: int) -> bool:
@@ -125,10 +106,9 @@ def _hold(ready_fd: int) -> None:
         for directory in DOM0_ETC_DIRS:
             os.makedirs(f"/etc/{directory}", exist_ok=True)
     except OSError as error:
-        os.write(ready_fd, f"{error}\n".encode())
+        daemon.notify(ready_fd, str(error))
         sys.exit(1)
-    os.write(ready_fd, b"ready\n")
-    os.close(ready_fd)
+    daemon.notify(ready_fd, daemon.READY)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         signal.pause()

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubesim import linux
+from qubesim import daemon, linux
 
 # Capabilities a qube's root does not get: they would reach through the namespaces to the host
 # (mounting its disks, loading modules, setting its clock).
@@ -254,10 +254,9 @@ def run(spec: BootSpec, ready_fd: int) -> None:
     except _Shutdown:
         os._exit(0)
     except (OSError, subprocess.SubprocessError) as error:
-        os.write(ready_fd, f"cannot start {spec.name}: {error}\n".encode())
+        daemon.notify(ready_fd, f"cannot start {spec.name}: {error}")
         os._exit(1)
-    os.write(ready_fd, b"ready\n")
-    os.close(ready_fd)
+    daemon.notify(ready_fd, daemon.READY)
     _detach_from_host_log()
     try:
         _reap_until_shutdown()

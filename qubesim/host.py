@@ -31,7 +31,7 @@ def initialise(layout: Layout) -> list[str]:
     """Create whatever of the simulated host is missing; return what was created."""
     require_root()
     template.check_host_programs()
-    layout.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    layout.create()
     dom0.ensure_in_dom0(layout)
     database = Database(layout)
     database.create()
@@ -63,7 +63,6 @@ def _add_service_qubes(state: State, template_name: str) -> list[str]:
 
 def _write_tool_shims(layout: Layout) -> None:
     """dom0's qvm tools: small scripts bound to this Python, put on PATH inside `qubesim dom0`."""
-    layout.dom0_bin.mkdir(parents=True, exist_ok=True)
     shim = f"#!{sys.executable}\nimport sys\nfrom qubesim.tools import main\nsys.exit(main())\n"
     for name in TOOL_NAMES:
         path = layout.dom0_bin / name

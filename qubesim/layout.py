@@ -43,6 +43,21 @@ class Layout:
     def dom0_record(self) -> Path:
         return self.runtime / "dom0.json"
 
+    def create(self) -> None:
+        """Make the tree: private to root, except that dom0's tools may be run (and refuse) by
+        anyone, as a real dom0's are."""
+        for directory, mode in (
+            (self.home, 0o711),
+            (self.home / "qubes", 0o700),
+            (self.home / "mnt", 0o700),
+            (self.runtime, 0o700),
+            (self.logs, 0o700),
+            (self.dom0, 0o711),
+            (self.dom0_bin, 0o755),
+        ):
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(mode)
+
     def qube_dir(self, name: str) -> Path:
         return self.home / "qubes" / name
 

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from qubesim import guest_init, linux
+from qubesim import daemon, guest_init, linux
 from qubesim.layout import current
 
 
@@ -38,7 +38,7 @@ def main(notify_fd: int) -> int:
     os.close(write_end)
     answer = _wait_for_ready(read_end)
     record = layout.runtime_record(spec.name)
-    if answer == "ready":
+    if answer == daemon.READY:
         temporary = record.with_suffix(".tmp")
         temporary.write_text(
             json.dumps(
@@ -46,14 +46,13 @@ def main(notify_fd: int) -> int:
             )
         )
         os.replace(temporary, record)
-    os.write(notify_fd, f"{answer}\n".encode())
-    os.close(notify_fd)
+    daemon.notify(notify_fd, answer)
     os.waitpid(pid, 0)
     record.unlink(missing_ok=True)
     shutil.rmtree(spec.volatile, ignore_errors=True)
     with contextlib.suppress(OSError):
         Path(spec.mountpoint).rmdir()
-    return 0 if answer == "ready" else 1
+    return 0 if answer == daemon.READY else 1
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from qubesim import linux, template
+from qubesim import daemon, linux, template
 from qubesim.errors import QubesimError
 from qubesim.guest_init import BootSpec, dropped_capabilities
 from qubesim.layout import Layout
@@ -113,24 +111,8 @@ class Runtime:
         )
 
     def _boot(self, spec: BootSpec) -> Running:
-        self.layout.logs.mkdir(parents=True, exist_ok=True)
-        read_end, write_end = os.pipe()
-        with open(self.layout.log(spec.name), "ab") as log:
-            monitor = subprocess.Popen(
-                [sys.executable, "-m", "qubesim.monitor", str(write_end)],
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=log,
-                pass_fds=(write_end,),
-                start_new_session=True,
-                env={**os.environ, "QUBESIM_HOME": str(self.layout.home)},
-            )
-        os.close(write_end)
-        assert monitor.stdin is not None
-        monitor.stdin.write(json.dumps(dataclasses.asdict(spec)).encode())
-        monitor.stdin.close()
-        with os.fdopen(read_end, "rb") as notify:
-            answer = notify.read().decode(errors="replace").strip()
+        spec_json = json.dumps(dataclasses.asdict(spec)).encode()
+        _, answer = daemon.spawn(self.layout, "qubesim.monitor", spec.name, stdin=spec_json)
         running = self.running(spec.name)
         if answer != "ready" or running is None:
             raise QubesimError(

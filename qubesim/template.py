@@ -7,6 +7,7 @@ its own throw-away layer on top of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -114,6 +115,8 @@ def unmount(layout: Layout, name: str) -> None:
     target = layout.template_mount(name)
     if str(target) in linux.mount_points():
         linux.umount(str(target), linux.MNT_DETACH)
+    with contextlib.suppress(FileNotFoundError):
+        target.rmdir()
 
 
 def install_guest_files(root: Path) -> None:
