@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from qubesim import dom0, host
+from qubesim import audit, dom0, host
 from qubesim.errors import QubesimError
 from qubesim.layout import current
 
@@ -21,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         "init", help="create dom0, the host's template and sys-net, sys-firewall, sys-whonix"
     )
     commands.add_parser("destroy", help="stop every qube and remove the simulated host")
+    log = commands.add_parser("audit", help="print the qrexec audit log")
+    log.add_argument("--since", type=audit.parse_since, help="ISO 8601 time or epoch seconds")
+    log.add_argument("--json", action="store_true", help="one JSON object per line")
     enter = commands.add_parser("dom0", help="run a command (default: a shell) as in dom0")
     enter.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     return parser
@@ -39,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         elif arguments.command == "destroy":
             if not host.destroy(layout):
                 print(f"qubesim: nothing to destroy at {layout.home}")
+        elif arguments.command == "audit":
+            host.require_root()
+            for entry in audit.read(layout, arguments.since):
+                print(
+                    json.dumps(entry, sort_keys=True)
+                    if arguments.json
+                    else audit.format_entry(entry)
+                )
         else:
             host.require_root()
             command = arguments.argv[1:] if arguments.argv[:1] == ["--"] else arguments.argv

@@ -8,17 +8,15 @@ there when it is not already.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import signal
 import sys
 from pathlib import Path
 
 from qubesim import daemon, linux
-from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 
+HOLDER = "dom0"
 # Directories every dom0 has, created in dom0's /etc layer.
 DOM0_ETC_DIRS = ("qubes/policy.d", "qubes-rpc/policy", "qubes/rpc-config")
 
@@ -29,37 +27,14 @@ def _etc_layer(layout: Layout) -> tuple[Path, Path]:
 
 def holder_pid(layout: Layout) -> int | None:
     """The pid of the live dom0 holder, or None when there is none (never started, or rebooted)."""
-    try:
-        record = json.loads(layout.dom0_record.read_text())
-    except (OSError, ValueError):
-        return None
-    pid = int(record["pid"])
-    return pid if linux.process_start_time(pid) == record["start_time"] else None
+    return daemon.running_singleton(layout, HOLDER)
 
 
 def ensure_holder(layout: Layout) -> int:
-    pid = holder_pid(layout)
-    if pid is not None:
-        return pid
-    layout.runtime.mkdir(parents=True, exist_ok=True)
-    with open(layout.runtime / "dom0.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        pid = holder_pid(layout)
-        if pid is None:
-            pid = _start_holder(layout)
-    return pid
-
-
-def _start_holder(layout: Layout) -> int:
     upper, work = _etc_layer(layout)
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    pid, answer = daemon.spawn(layout, "qubesim.dom0", "dom0")
-    if answer != daemon.READY:
-        raise QubesimError(f"dom0 could not be set up: {answer}")
-    record = {"pid": pid, "start_time": linux.process_start_time(pid)}
-    layout.dom0_record.write_text(json.dumps(record))
-    return pid
+    return daemon.ensure_singleton(layout, HOLDER, "qubesim.dom0")
 
 
 def in_dom0(pid: int) -> bool:

@@ -54,6 +54,7 @@ class BootSpec:
     mountpoint: str
     private: str
     volatile: str
+    qrexec_dir: str  # dom0's qrexec socket directory, mounted read-only at /run/qubesim
     isolated_network: bool
     qubesdb: dict[str, str]
     services: list[str]
@@ -145,6 +146,14 @@ def _mount_kernel_filesystems(root: Path) -> None:
     linux.mount("tmpfs", str(root / "tmp"), "tmpfs", nosuid_nodev, "mode=1777")
 
 
+def _mount_qrexec(spec: BootSpec, root: Path) -> None:
+    """The way to dom0's qrexec daemon; read-only, so that no one in the qube can replace it."""
+    target = root / "run/qubesim"
+    _bind(Path(spec.qrexec_dir), target)
+    flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
+    linux.mount("none", str(target), None, flags)
+
+
 def _write_identity(spec: BootSpec, root: Path) -> None:
     socket.sethostname(spec.name)
     (root / "etc/hostname").write_text(f"{spec.name}\n")
@@ -183,6 +192,7 @@ def boot(spec: BootSpec) -> None:
     _populate_private(spec)
     _mount_private(spec, root)
     _mount_kernel_filesystems(root)
+    _mount_qrexec(spec, root)
     _write_identity(spec, root)
     _pivot(root)
     linux.drop_bounding_capabilities(list(dropped_capabilities(spec.isolated_network).values()))

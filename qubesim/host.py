@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 
-from qubesim import dom0, template
+from qubesim import daemon, dom0, template
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 from qubesim.model import Database, State
@@ -44,6 +43,9 @@ def initialise(layout: Layout) -> list[str]:
             created.append(template_name)
         state.defaults["default_template"] = state.defaults["default_template"] or template_name
     template.prepare(layout, template_name)
+    # The qrexec daemon runs the code installed now; running qubes reconnect to it on their own.
+    daemon.stop_singleton(layout, daemon.QREXEC)
+    daemon.ensure_qrexec(layout)
     with database.transaction() as state:
         created.extend(_add_service_qubes(state, template_name))
         state.defaults["default_netvm"] = state.defaults["default_netvm"] or "sys-firewall"
@@ -88,7 +90,7 @@ def destroy(layout: Layout) -> bool:
         for name in state.names():
             if state.qubes[name]["klass"] == "TemplateVM":
                 template.unmount(layout, name)
-    if holder is not None:
-        os.kill(holder, signal.SIGTERM)
+    daemon.stop_singleton(layout, daemon.QREXEC)
+    daemon.stop_singleton(layout, dom0.HOLDER)
     shutil.rmtree(layout.home)
     return True

@@ -31,6 +31,15 @@ class Layout:
         return self.home / "log"
 
     @property
+    def audit_log(self) -> Path:
+        return self.logs / "qrexec-audit.jsonl"
+
+    @property
+    def qrexec_socket_dir(self) -> Path:
+        """Holds dom0's qrexec socket; mounted read-only into every qube at /run/qubesim."""
+        return self.runtime / "qrexec"
+
+    @property
     def dom0(self) -> Path:
         return self.home / "dom0"
 
@@ -38,10 +47,6 @@ class Layout:
     def dom0_bin(self) -> Path:
         """The qvm tools, put first on PATH inside `qubesim dom0`."""
         return self.dom0 / "bin"
-
-    @property
-    def dom0_record(self) -> Path:
-        return self.runtime / "dom0.json"
 
     def create(self) -> None:
         """Make the tree: private to root, except that dom0's tools may be run (and refuse) by

@@ -70,6 +70,7 @@ class Runtime:
         netvm = state.get_property(name, "netvm")
         if netvm:
             self.start(netvm)
+        daemon.ensure_qrexec(self.layout)
         with self._qube_lock(name):
             running = self.running(name)
             if running is None:
@@ -105,6 +106,7 @@ class Runtime:
             mountpoint=str(self.layout.root_mount(name)),
             private=str(self.layout.private(name)),
             volatile=str(self.layout.volatile(name)),
+            qrexec_dir=str(self.layout.qrexec_socket_dir),
             isolated_network=state.network_isolated(name),
             qubesdb=qubesdb,
             services=sorted(service for service, value in services.items() if value),

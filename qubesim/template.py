@@ -35,6 +35,7 @@ USER_ID = 1000
 GUEST_FILES = {
     "usr/bin/qubesdb-read": ("qubesdb-read", 0o755),
     "usr/lib/qubes/qubesim-exec": ("qubesim-exec", 0o755),
+    "usr/bin/qrexec-client-vm": ("qrexec-client-vm", 0o755),
     "etc/qubes-rpc/qubes.VMShell": ("qubes.VMShell", 0o755),
     "etc/qubes-rpc/qubes.VMRootShell": ("qubes.VMShell", 0o755),
     "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),

@@ -8,6 +8,8 @@ import os
 import sys
 
 TOOL_NAMES = (
+    "qrexec-policy-exec",
+    "qubes-policy-lint",
     "qvm-check",
     "qvm-create",
     "qvm-features",

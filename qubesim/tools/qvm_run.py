@@ -1,7 +1,7 @@
 """qvm-run: run a command (through qubes.VMShell) or a qrexec service in a qube.
 
-The call becomes the service process itself (exec), so stdout and stderr flow straight from the
-qube and the exit code is the service's. For a command, the command line goes first on the
+The service gets our stdout and stderr, so output flows straight from the qube, and its exit code
+becomes ours. For a command, the command line goes first on the
 service's stdin, followed by ours, copied by a small feeder with splice: constant memory, any bytes.
 """
 
@@ -12,9 +12,11 @@ import errno
 import os
 import select
 import shlex
+import subprocess
 
 from qubesim.errors import QubesimError, UsageError
 from qubesim.model import ADMIN_VM
+from qubesim.qrexec import InvalidRequest, Qrexec
 from qubesim.tools.common import Context, parser, run
 
 CHUNK = 1 << 16
@@ -65,27 +67,19 @@ def _feed(pipe: int, prefix: bytes, pass_stdin: bool) -> None:
         os._exit(0)
 
 
-def _exec(argv: list[str], *, prefix: bytes | None, pass_io: bool) -> None:
+def _run(argv: list[str], *, prefix: bytes | None, pass_io: bool) -> int:
+    """Run the service with our stdio (or none without --pass-io); return its exit code."""
+    stdin: int = 0 if pass_io else subprocess.DEVNULL
     if prefix is not None:
         read_end, write_end = os.pipe()
         if os.fork() == 0:
             os.close(read_end)
             _feed(write_end, prefix, pass_io)
         os.close(write_end)
-        os.dup2(read_end, 0)
-        os.close(read_end)
-    elif not pass_io:
-        _redirect(0, os.O_RDONLY)
-    if not pass_io:
-        _redirect(1, os.O_WRONLY)
-        _redirect(2, os.O_WRONLY)
-    os.execvp(argv[0], argv)
-
-
-def _redirect(fd: int, mode: int) -> None:
-    null = os.open(os.devnull, mode)
-    os.dup2(null, fd)
-    os.close(null)
+        stdin = read_end
+    output = None if pass_io else subprocess.DEVNULL
+    code = subprocess.run(argv, stdin=stdin, stdout=output, stderr=output).returncode
+    return 128 - code if code < 0 else code
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:
@@ -96,12 +90,8 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
         raise QubesimError("running commands in dom0 with qvm-run is not supported by qubesim")
     if arguments.no_shell:
         raise UsageError("--no-shell is not supported by qubesim")
-    running = context.runtime.running(name)
-    if running is None:
-        if not arguments.autostart:
-            raise QubesimError(f"domain {name} is not running")
-        running = context.runtime.start(name)
-    user = arguments.user or state.get_property(name, "default_user")
+    if not arguments.autostart and not context.runtime.is_running(name):
+        raise QubesimError(f"domain {name} is not running")
     if arguments.service:
         if arguments.cmd_args:
             raise UsageError("--service takes one SERVICE[+ARGUMENT] and no further arguments")
@@ -109,12 +99,14 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
     else:
         command = " ".join([arguments.cmd, *map(shlex.quote, arguments.cmd_args)])
         service, prefix = "qubes.VMShell", shell_input(command)
-    _exec(
-        context.runtime.service_argv(name, running, user, service),
-        prefix=prefix,
-        pass_io=arguments.pass_io,
-    )
-    return 1  # not reached: _exec replaces this process
+    qrexec = Qrexec(context.layout)
+    try:
+        argv = qrexec.call_from_dom0(name, arguments.user, service)
+    except InvalidRequest as error:
+        raise UsageError(str(error)) from None
+    code = _run(argv, prefix=prefix, pass_io=arguments.pass_io)
+    qrexec.audit_dom0_call(name, service, code)
+    return code
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,194 @@
+"""qrexec in dom0: who may call what (the policy engine), running the service in its target, and
+the audit log. Calls from qubes come through the qrexec daemon and are subject to policy; calls from
+dom0 (qvm-run) are not, as in Qubes, but take the same way into the target.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qubesim import audit
+from qubesim.errors import QubesimError
+from qubesim.layout import Layout
+from qubesim.model import ADMIN_VM, Database
+from qubesim.policy import engine
+from qubesim.runtime import Runtime
+
+# The limits and character sets qrexec-client-vm applies; dom0 checks them again, since the
+# request comes from a qube and is untrusted.
+TARGET_MAX = 63
+SERVICE_MAX = 64999
+_TARGET = re.compile(r"[A-Za-z0-9_.@:-]+")
+_SERVICE = re.compile(r"[A-Za-z0-9_.-]+(\+[A-Za-z0-9_.+-]*)?")
+EXIT_REFUSED = 126
+DELAY_VARIABLE = "QUBESIM_QREXEC_DELAY_MS"
+
+
+class InvalidRequest(QubesimError):
+    pass
+
+
+@dataclass(frozen=True)
+class Call:
+    source: str
+    target: str  # as requested
+    service: str
+    argument: str
+
+    @classmethod
+    def parse(cls, source: str, target: str, full_service: str) -> Call:
+        if not _TARGET.fullmatch(target) or len(target.encode()) > TARGET_MAX:
+            raise InvalidRequest(f"invalid target: {target[:80]!r}")
+        if not _SERVICE.fullmatch(full_service) or len(full_service.encode()) > SERVICE_MAX:
+            raise InvalidRequest(f"invalid service: {full_service[:80]!r}")
+        service, _, argument = full_service.partition("+")
+        return cls(source, target, service, argument)
+
+    @property
+    def full_service(self) -> str:
+        return f"{self.service}+{self.argument}" if self.argument else self.service
+
+
+def guest_runner() -> Path:
+    """The service runner; the same script runs in qubes (from their template) and in dom0."""
+    return Path(str(resources.files("qubesim") / "guest" / "qubesim-exec"))
+
+
+def _delay() -> None:
+    milliseconds = float(os.environ.get(DELAY_VARIABLE) or 0)
+    if milliseconds > 0:
+        time.sleep(milliseconds / 1000)
+
+
+class Qrexec:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.database = Database(layout)
+        self.runtime = Runtime(layout)
+
+    # -- policy -----------------------------------------------------------------------------------
+    def system(self) -> Any:
+        policy = engine()
+        state = self.database.read()
+        qubes = []
+        for name in state.names():
+            record = state.qube(name)
+            has = state.has_property
+            qubes.append(
+                policy.Qube(
+                    name=name,
+                    klass=record["klass"],
+                    tags=frozenset(record["tags"]),
+                    default_dispvm=state.get_property(name, "default_dispvm")
+                    if has(name, "default_dispvm")
+                    else None,
+                    template_for_dispvms=bool(
+                        has(name, "template_for_dispvms")
+                        and state.get_property(name, "template_for_dispvms")
+                    ),
+                    running=self.runtime.is_running(name),
+                    uuid=record["uuid"],
+                )
+            )
+        return policy.System(qubes)
+
+    def evaluate(self, call: Call) -> Any:
+        """The policy's decision; a policy that does not load denies everything, saying why."""
+        policy = engine()
+        try:
+            loaded = policy.Policy.load()
+        except policy.PolicySyntaxError as error:
+            return policy.Decision(
+                allowed=False,
+                target=None,
+                user=None,
+                autostart=False,
+                notify=True,
+                rule=None,
+                reason=f"policy error: {error}",
+                requested_target_type="name",
+            )
+        request = policy.Request(call.source, call.target, call.service, call.argument)
+        return loaded.evaluate(request, self.system())
+
+    # -- calls ------------------------------------------------------------------------------------
+    def call_from_qube(
+        self, call: Call, stdio: Sequence[int], started: Callable[[], None]
+    ) -> int | None:
+        """Run a qube's call if policy allows it; None when refused. `started` is told first."""
+        _delay()
+        decision = self.evaluate(call)
+        if not decision.allowed:
+            self._audit(call, "", "deny", decision.rule_location, decision.reason, EXIT_REFUSED)
+            return None
+        target = decision.target
+        if target.startswith("@dispvm"):
+            reason = "disposable qubes are not simulated"
+            self._audit(call, target, "deny", decision.rule_location, reason, EXIT_REFUSED)
+            return None
+        try:
+            argv = self._service_argv(call, target, decision.user, decision.requested_target_type)
+        except QubesimError as error:
+            self._audit(call, target, "deny", decision.rule_location, str(error), EXIT_REFUSED)
+            return None
+        started()
+        code = _run(argv, stdio)
+        self._audit(call, target, "allow", decision.rule_location, decision.reason, code)
+        return code
+
+    def call_from_dom0(self, target: str, user: str | None, full_service: str) -> list[str]:
+        """The command for a dom0 call (not subject to policy) with the caller's stdio; the caller
+        runs it and reports the exit code with `audit_dom0_call`."""
+        _delay()
+        call = Call.parse(ADMIN_VM, target, full_service)
+        return self._service_argv(call, target, user, "name")
+
+    def audit_dom0_call(self, target: str, full_service: str, code: int) -> None:
+        call = Call.parse(ADMIN_VM, target, full_service)
+        self._audit(call, target, "allow", "", "dom0 is not subject to policy", code)
+
+    def _service_argv(
+        self, call: Call, target: str, user: str | None, target_type: str
+    ) -> list[str]:
+        if target == ADMIN_VM:
+            extra = [
+                f"QREXEC_REQUESTED_TARGET={call.target}",
+                f"QREXEC_REQUESTED_TARGET_KEYWORD={call.target.removeprefix('@')}"
+                if target_type == "keyword"
+                else "QREXEC_REQUESTED_TARGET_KEYWORD=",
+            ]
+            runner = ["sh", str(guest_runner()), "root", call.source, target_type]
+            return [*runner, call.full_service, *extra]
+        running = self.runtime.start(target)
+        user = user or self.database.read().get_property(target, "default_user")
+        return self.runtime.service_argv(target, running, user, call.full_service, call.source)
+
+    def _audit(
+        self, call: Call, actual: str, decision: str, rule: str, reason: str, code: int
+    ) -> None:
+        entry = audit.Entry(
+            time=audit.now(),
+            source=call.source,
+            target=call.target,
+            actual_target=actual,
+            service=call.service,
+            argument=call.argument,
+            decision=decision,
+            rule=rule,
+            reason=reason,
+            exit_code=code,
+        )
+        audit.record(self.layout, entry)
+
+
+def _run(argv: list[str], stdio: Sequence[int]) -> int:
+    code = subprocess.run(argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2]).returncode
+    return 128 - code if code < 0 else code
