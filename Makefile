@@ -12,7 +12,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 QUBESIM := $(BIN)/qubesim
 # Debian packages the simulator and the tests run on (qubesim builds its template from this root).
-APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make
+APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg
 ANSIBLE_TEST_PIP := 24.2
 SANITY_TREE := $(or $(TMPDIR),/tmp)/qubes_infra-sanity
 COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build

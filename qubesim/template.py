@@ -36,12 +36,23 @@ GUEST_FILES = {
     "usr/bin/qubesdb-read": ("qubesdb-read", 0o755),
     "usr/lib/qubes/qubesim-exec": ("qubesim-exec", 0o755),
     "usr/bin/qrexec-client-vm": ("qrexec-client-vm", 0o755),
+    "usr/bin/qubes-gpg-client": ("split-gpg", 0o755),
+    "usr/bin/qubes-gpg-client-wrapper": ("split-gpg", 0o755),
+    "etc/qubes-rpc/qubes.Gpg": ("split-gpg", 0o755),
+    "etc/qubes-rpc/qubes.GpgImportKey": ("split-gpg", 0o755),
+    "etc/profile.d/qubes-gpg.sh": ("qubes-gpg.sh", 0o644),
     "etc/qubes-rpc/qubes.VMShell": ("qubes.VMShell", 0o755),
     "etc/qubes-rpc/qubes.VMRootShell": ("qubes.VMShell", 0o755),
     "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),
     "etc/sudoers.d/qubes": ("sudoers", 0o440),
 }
-REQUIRED_HOST_PROGRAMS = ("/bin/bash", "/usr/bin/sudo", "/usr/bin/setpriv", "/usr/bin/python3")
+REQUIRED_HOST_PROGRAMS = (
+    "/bin/bash",
+    "/usr/bin/sudo",
+    "/usr/bin/setpriv",
+    "/usr/bin/python3",
+    "/usr/bin/gpg",
+)
 
 
 def host_template_name() -> str:
@@ -60,7 +71,7 @@ def check_host_programs() -> None:
         raise QubesimError(
             "templates are made from this machine's root, which lacks "
             + ", ".join(missing)
-            + " (install sudo, util-linux and python3)"
+            + " (install sudo, util-linux, python3 and gnupg)"
         )
 
 
