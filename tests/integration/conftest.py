@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 Qvm = Callable[..., subprocess.CompletedProcess[str]]
+POLICY_DIR = Path("/etc/qubes/policy.d")
 _counter = itertools.count()
 
 
@@ -65,3 +69,32 @@ def isolated_appvm(new_name: Callable[[], str]) -> str:
     name = new_name()
     run_tool("qvm-create", "--label", "blue", "--property", "netvm=", name)
     return name
+
+
+Policy = Callable[..., Path]
+
+
+@pytest.fixture
+def policy() -> Iterator[Policy]:
+    """Install policy files in dom0 for one test (name, lines); they are removed afterwards."""
+    written: list[Path] = []
+
+    def install(*lines: str, name: str = "30-qubesim-test.policy") -> Path:
+        path = POLICY_DIR / name
+        path.write_text("\n".join(lines) + "\n")
+        written.append(path)
+        return path
+
+    yield install
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+def audit_since(moment: datetime) -> list[dict[str, object]]:
+    output = subprocess.run(
+        ["qubesim", "audit", "--json", "--since", moment.isoformat()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in output.splitlines()]
