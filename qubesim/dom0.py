@@ -83,7 +83,7 @@ def _hold(ready_fd: int) -> None:
     except OSError as error:
         daemon.notify(ready_fd, str(error))
         sys.exit(1)
-    daemon.notify(ready_fd, daemon.READY)
+    daemon.notify_ready(ready_fd)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         signal.pause()

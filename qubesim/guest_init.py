@@ -266,7 +266,7 @@ def run(spec: BootSpec, ready_fd: int) -> None:
     except (OSError, subprocess.SubprocessError) as error:
         daemon.notify(ready_fd, f"cannot start {spec.name}: {error}")
         os._exit(1)
-    daemon.notify(ready_fd, daemon.READY)
+    daemon.notify_ready(ready_fd)
     _detach_from_host_log()
     try:
         _reap_until_shutdown()

@@ -38,7 +38,7 @@ def main(notify_fd: int) -> int:
     os.close(write_end)
     answer = _wait_for_ready(read_end)
     record = layout.runtime_record(spec.name)
-    if answer == daemon.READY:
+    if daemon.is_ready(answer):
         temporary = record.with_suffix(".tmp")
         temporary.write_text(
             json.dumps(
@@ -46,13 +46,16 @@ def main(notify_fd: int) -> int:
             )
         )
         os.replace(temporary, record)
-    daemon.notify(notify_fd, answer)
+    if daemon.is_ready(answer):
+        daemon.notify_ready(notify_fd)
+    else:
+        daemon.notify(notify_fd, answer)
     os.waitpid(pid, 0)
     record.unlink(missing_ok=True)
     shutil.rmtree(spec.volatile, ignore_errors=True)
     with contextlib.suppress(OSError):
         Path(spec.mountpoint).rmdir()
-    return 0 if answer == daemon.READY else 1
+    return 0 if daemon.is_ready(answer) else 1
 
 
 if __name__ == "__main__":

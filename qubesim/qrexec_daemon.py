@@ -116,7 +116,7 @@ def serve(notify_fd: int) -> None:
     path.chmod(0o666)  # any user in a qube may call; policy decides
     server.listen(128)
     qrexec = Qrexec(layout)
-    daemon.notify(notify_fd, daemon.READY)
+    daemon.notify_ready(notify_fd)
     while True:
         connection, _ = server.accept()
         threading.Thread(target=handle, args=(qrexec, connection), daemon=True).start()

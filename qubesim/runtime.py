@@ -114,12 +114,10 @@ class Runtime:
 
     def _boot(self, spec: BootSpec) -> Running:
         spec_json = json.dumps(dataclasses.asdict(spec)).encode()
-        _, answer = daemon.spawn(self.layout, "qubesim.monitor", spec.name, stdin=spec_json)
+        monitor, answer = daemon.spawn(self.layout, "qubesim.monitor", spec.name, stdin=spec_json)
         running = self.running(spec.name)
-        if answer != "ready" or running is None:
-            raise QubesimError(
-                answer or f"{spec.name} failed to start; see {self.layout.log(spec.name)}"
-            )
+        if monitor is None or running is None:
+            raise QubesimError(answer)
         return running
 
     # -- stop -------------------------------------------------------------------------------------
