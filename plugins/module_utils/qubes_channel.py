@@ -1,0 +1,626 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A framed channel into a qube over one qrexec stream (qubes.VMShell or qubes.VMRootShell).
+
+The same file plays three parts, all with the standard library only:
+
+* the agent, which runs in the qube: the connection plugin sends this file's source through the
+  shell and runs it there with ``python3 -c``; it first prints a handshake line, then serves
+  requests (run a command, write a file, read a file) read as frames from stdin;
+* the multiplexer, which runs on the controller (``python3 qubes_channel.py mux ...``) and keeps
+  one agent per qube and user alive between tasks, like ssh's ControlPersist, serving any number of
+  clients over a Unix socket that only its user can reach;
+* the client side, used by the connection plugin to talk to either.
+
+Frames are ``type (1 byte) | request id (4) | length (4) | payload``. Payloads are bounded, and
+nothing that comes from the qube is ever evaluated: exit information is JSON, output is bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any, BinaryIO
+
+HANDSHAKE = b"QUBES-CHANNEL 1\n"
+HEADER = struct.Struct("!BII")
+MAX_PAYLOAD = 1 << 20
+CHUNK = 1 << 18
+
+# Requests (controller -> agent)
+EXEC = ord("X")  # payload: JSON {"cmd": str}; then STDIN frames, an empty one for end of input
+STDIN = ord("I")
+PUT = ord("P")  # payload: JSON {"path": str}; then DATA frames, an empty one to finish
+DATA = ord("D")
+FETCH = ord("F")  # payload: JSON {"path": str}
+KILL = ord("K")  # end a running command (its whole process group)
+# Answers (agent -> controller)
+STDOUT = ord("O")
+STDERR = ord("R")
+EXIT = ord("E")  # payload: JSON {"rc": int, "error": str or null}; the request is over
+
+STREAM_CLOSED = "the channel to the qube closed"
+
+
+class ChannelError(Exception):
+    """The channel failed (not the command: its exit code comes in an EXIT frame)."""
+
+
+def pack(kind: int, request: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ChannelError("frame too large")
+    return HEADER.pack(kind, request, len(payload)) + payload
+
+
+def read_exact(stream: BinaryIO | socket.socket, size: int) -> bytes | None:
+    """Read exactly size bytes from a binary file object or socket; None at a clean end."""
+    parts = []
+    remaining = size
+    while remaining:
+        if isinstance(stream, socket.socket):
+            part = stream.recv(remaining)
+        else:
+            part = stream.read(remaining)
+        if not part:
+            if remaining == size:
+                return None
+            raise ChannelError(STREAM_CLOSED)
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
+
+
+def read_frame(stream: BinaryIO | socket.socket) -> tuple[int, int, bytes] | None:
+    """The next (kind, request, payload), or None when the stream ended between frames."""
+    header = read_exact(stream, HEADER.size)
+    if header is None:
+        return None
+    kind, request, length = HEADER.unpack(header)
+    if length > MAX_PAYLOAD:
+        raise ChannelError("oversized frame from the other side")
+    payload = read_exact(stream, length) if length else b""
+    if payload is None:
+        raise ChannelError(STREAM_CLOSED)
+    return kind, request, payload
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    """JSON from the other side, which must be an object; anything else is a channel error."""
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except ValueError:
+        raise ChannelError("malformed message") from None
+    if not isinstance(value, dict):
+        raise ChannelError("malformed message")
+    return value
+
+
+def encode_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode("utf-8")
+
+
+class FrameWriter:
+    """Writes whole frames from several threads."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+
+    def send(self, kind: int, request: int, payload: bytes = b"") -> None:
+        frame = pack(kind, request, payload)
+        with self._lock:
+            self._write(frame)
+
+
+# -- agent (in the qube) ---------------------------------------------------------------------------
+class _Command:
+    def __init__(self, writer: FrameWriter, request: int, command: str) -> None:
+        self.writer = writer
+        self.request = request
+        self.process = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # a timeout ends the command's whole process group
+        )
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(self.process.stdout, STDOUT)),
+            threading.Thread(target=self._pump, args=(self.process.stderr, STDERR)),
+        ]
+        for pump in self._pumps:
+            pump.daemon = True
+            pump.start()
+        waiter = threading.Thread(target=self._wait)
+        waiter.daemon = True
+        waiter.start()
+
+    def _pump(self, stream: IO[bytes], kind: int) -> None:
+        for chunk in iter(lambda: os.read(stream.fileno(), CHUNK), b""):
+            self.writer.send(kind, self.request, chunk)
+
+    def _wait(self) -> None:
+        for pump in self._pumps:
+            pump.join()
+        code = self.process.wait()
+        self.writer.send(EXIT, self.request, encode_json({"rc": code, "error": None}))
+
+    def feed(self, data: bytes) -> None:
+        try:
+            if data:
+                self.process.stdin.write(data)
+                self.process.stdin.flush()
+            else:
+                self.process.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the command does not read its input: what it left is dropped, never run
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+class _Upload:
+    """A file written next to its destination and renamed into place when complete."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        directory = os.path.dirname(path) or "."
+        self.fd, self.temporary = tempfile.mkstemp(prefix=".ansible-put-", dir=directory)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def finish(self) -> None:
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(self.fd, 0o666 & ~umask)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        os.rename(self.temporary, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.temporary)
+
+
+def _error_text(error: OSError) -> str:
+    return f"{error.filename}: {error.strerror}" if error.filename else str(error)
+
+
+class Agent:
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.writer = FrameWriter(self._write_out)
+        self.commands: dict[int, _Command] = {}
+        self.uploads: dict[int, _Upload] = {}
+
+    def _write_out(self, frame: bytes) -> None:
+        self.stdout.write(frame)
+        self.stdout.flush()
+
+    def _finish(self, request: int, code: int, error: str | None = None) -> None:
+        self.writer.send(EXIT, request, encode_json({"rc": code, "error": error}))
+
+    def _fetch(self, request: int, path: str) -> None:
+        try:
+            with open(path, "rb") as source:
+                for chunk in iter(lambda: source.read(CHUNK), b""):
+                    self.writer.send(STDOUT, request, chunk)
+        except OSError as error:
+            self._finish(request, 1, _error_text(error))
+            return
+        self._finish(request, 0)
+
+    def _put(self, request: int, payload: bytes) -> None:
+        upload = self.uploads.pop(request, None)
+        if upload is None:
+            return
+        try:
+            if payload:
+                upload.write(payload)
+                self.uploads[request] = upload
+            else:
+                upload.finish()
+                self._finish(request, 0)
+        except OSError as error:
+            upload.abort()
+            self._finish(request, 1, f"cannot write {upload.path}: {error.strerror}")
+
+    def _start_put(self, request: int, path: str) -> None:
+        try:
+            self.uploads[request] = _Upload(path)
+        except OSError as error:
+            # The data frames that follow are dropped (no upload under this id).
+            self._finish(request, 1, f"cannot write {path}: {error.strerror}")
+
+    def handle(self, kind: int, request: int, payload: bytes) -> None:
+        if kind == EXEC:
+            command = decode_json(payload).get("cmd", "")
+            self.commands[request] = _Command(self.writer, request, command)
+        elif kind == STDIN and request in self.commands:
+            self.commands[request].feed(payload)
+        elif kind == KILL and request in self.commands:
+            self.commands[request].kill()
+        elif kind == PUT:
+            self._start_put(request, decode_json(payload).get("path", ""))
+        elif kind == DATA:
+            self._put(request, payload)
+        elif kind == FETCH:
+            thread = threading.Thread(
+                target=self._fetch, args=(request, decode_json(payload).get("path", ""))
+            )
+            thread.daemon = True
+            thread.start()
+
+    def serve(self) -> None:
+        while True:
+            frame = read_frame(self.stdin)
+            if frame is None:
+                break
+            self.handle(*frame)
+            self._forget_finished()
+        for command in self.commands.values():
+            command.kill()
+
+    def _forget_finished(self) -> None:
+        for request in [r for r, c in self.commands.items() if c.process.poll() is not None]:
+            del self.commands[request]
+
+
+def run_agent() -> None:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(HANDSHAKE)
+    stdout.flush()
+    Agent(stdin, stdout).serve()
+
+
+# -- controller side -------------------------------------------------------------------------------
+class Reader:
+    """Exact reads from a pipe or socket descriptor, each with a deadline (None: wait forever)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def read_exact(self, size: int, deadline: float | None = None) -> bytes | None:
+        while len(self.buffer) < size:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
+                    raise TimeoutError()
+            chunk = os.read(self.fd, max(CHUNK, size - len(self.buffer)))
+            if not chunk:
+                if self.buffer:
+                    raise ChannelError(STREAM_CLOSED)
+                return None
+            self.buffer.extend(chunk)
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def read_frame(self, deadline: float | None = None) -> tuple[int, int, bytes] | None:
+        header = self.read_exact(HEADER.size, deadline)
+        if header is None:
+            return None
+        kind, request, length = HEADER.unpack(header)
+        if length > MAX_PAYLOAD:
+            raise ChannelError("oversized frame from the other side")
+        payload = self.read_exact(length, deadline) if length else b""
+        if payload is None:
+            raise ChannelError(STREAM_CLOSED)
+        return kind, request, payload
+
+
+def bootstrap_line(source: bytes) -> bytes:
+    """The shell line that makes qubes.VMShell's bash run the agent; the source follows it."""
+    size = len(source)
+    loader = f"import sys; exec(compile(sys.stdin.buffer.read({size}), 'qubes_channel', 'exec'))"
+    return f'exec python3 -c "{loader}" agent\n'.encode("ascii")
+
+
+def agent_source() -> bytes:
+    with open(os.path.abspath(__file__.replace(".pyc", ".py")), "rb") as source:
+        return source.read()
+
+
+class ConnectFailure(ChannelError):
+    """The agent did not start: the stream's exit code and stderr say why."""
+
+    def __init__(self, message: str, returncode: int | None = None, stderr: bytes = b"") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class Transport:
+    """One qrexec stream (qvm-run or qrexec-client-vm) running the agent in the qube."""
+
+    def __init__(self, command: list[str], timeout: float) -> None:
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.stderr_tail = bytearray()
+        drain = threading.Thread(target=self._drain_stderr)
+        drain.daemon = True
+        drain.start()
+        self.reader = Reader(self.process.stdout.fileno())
+        self.writer = FrameWriter(self.send_bytes)
+        source = agent_source()
+        try:
+            self.send_bytes(bootstrap_line(source) + source)
+            hello = self.reader.read_exact(len(HANDSHAKE), time.monotonic() + timeout)
+        except TimeoutError:
+            self.close()
+            raise ConnectFailure(f"no answer within {timeout} seconds") from None
+        except (OSError, ChannelError):
+            hello = None
+        if hello != HANDSHAKE:
+            self.process.stdin.close()
+            code = self.process.wait()
+            drain.join(5)
+            raise ConnectFailure("the agent did not start", code, bytes(self.stderr_tail))
+
+    def _drain_stderr(self) -> None:
+        for chunk in iter(lambda: os.read(self.process.stderr.fileno(), 4096), b""):
+            self.stderr_tail.extend(chunk)
+            del self.stderr_tail[:-65536]
+
+    def send_bytes(self, data: bytes) -> None:
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Result:
+    def __init__(self) -> None:
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.rc = 1
+        self.error: str | None = None
+
+
+class Session:
+    """Requests over one link: an agent's transport directly, or a multiplexer's socket."""
+
+    def __init__(self, send: Callable[[bytes], None], reader: Reader) -> None:
+        self._send = send
+        self._reader = reader
+        self._next = 0
+
+    def _request_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def _collect(
+        self,
+        request: int,
+        result: Result,
+        deadline: float | None,
+        sink: Callable[[bytes], object] | None = None,
+    ) -> Result:
+        while True:
+            frame = self._reader.read_frame(deadline)
+            if frame is None:
+                raise ChannelError(STREAM_CLOSED)
+            kind, answered, payload = frame
+            if answered != request:
+                continue  # an answer to an abandoned request (after a timeout)
+            if kind == STDOUT:
+                if sink is None:
+                    result.stdout.extend(payload)
+                else:
+                    sink(payload)
+            elif kind == STDERR:
+                result.stderr.extend(payload)
+            elif kind == EXIT:
+                status = decode_json(payload)
+                result.rc = int(status.get("rc", 1))
+                result.error = status.get("error")
+                return result
+
+    def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> Result:
+        """Run a shell command; return its Result. TimeoutError after killing it."""
+        request = self._request_id()
+        self._send(pack(EXEC, request, encode_json({"cmd": command})))
+        for start in range(0, len(stdin), CHUNK):
+            self._send(pack(STDIN, request, stdin[start : start + CHUNK]))
+        self._send(pack(STDIN, request))
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            return self._collect(request, Result(), deadline)
+        except TimeoutError:
+            self._send(pack(KILL, request))
+            raise
+
+    def put(self, source: BinaryIO, path: str) -> Result:
+        """Stream a local file object to path in the qube (atomic rename); return Result."""
+        request = self._request_id()
+        self._send(pack(PUT, request, encode_json({"path": path})))
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            self._send(pack(DATA, request, chunk))
+        self._send(pack(DATA, request))
+        return self._collect(request, Result(), None)
+
+    def fetch(self, path: str, sink: Callable[[bytes], object]) -> Result:
+        """Stream a file of the qube into sink(bytes); return Result."""
+        request = self._request_id()
+        self._send(pack(FETCH, request, encode_json({"path": path})))
+        return self._collect(request, Result(), None, sink)
+
+
+# -- multiplexer (on the controller) ---------------------------------------------------------------
+class Multiplexer:
+    """Serves clients on a Unix socket over one agent; exits when idle or when the agent ends."""
+
+    def __init__(self, transport: Transport, listener: socket.socket, idle: float) -> None:
+        self.transport = transport
+        self.listener = listener
+        self.idle = idle
+        self.lock = threading.Lock()
+        # agent request id <-> (client socket, the client's own request id)
+        self.routes: dict[int, tuple[socket.socket, int]] = {}
+        self.requests: dict[tuple[socket.socket, int], int] = {}
+        self.client_locks: dict[socket.socket, threading.Lock] = {}
+        self.next = 0
+        self.clients = 0
+        self.last_activity = time.monotonic()
+
+    def _route(self, client: socket.socket, request: int) -> int:
+        with self.lock:
+            key = (client, request)
+            if key not in self.requests:
+                self.next += 1
+                self.requests[key] = self.next
+                self.routes[self.next] = key
+            self.last_activity = time.monotonic()
+            return self.requests[key]
+
+    def _serve_client(self, client: socket.socket) -> None:
+        reader = Reader(client.fileno())
+        try:
+            while True:
+                frame = reader.read_frame()
+                if frame is None:
+                    break
+                kind, request, payload = frame
+                self.transport.writer.send(kind, self._route(client, request), payload)
+        except (OSError, ChannelError):
+            pass
+        finally:
+            self._forget_client(client)
+
+    def _forget_client(self, client: socket.socket) -> None:
+        with self.lock:
+            abandoned = [(k, v) for k, v in self.requests.items() if k[0] is client]
+            for key, agent_request in abandoned:
+                del self.requests[key]
+                del self.routes[agent_request]
+            self.clients -= 1
+            self.client_locks.pop(client, None)
+            self.last_activity = time.monotonic()
+        for _, agent_request in abandoned:
+            # A client that went away (a killed worker) leaves no command running in the qube.
+            self.transport.writer.send(KILL, agent_request)
+        client.close()
+
+    def _serve_agent(self) -> None:
+        try:
+            while True:
+                frame = self.transport.reader.read_frame()
+                if frame is None:
+                    break
+                kind, request, payload = frame
+                with self.lock:
+                    key = self.routes.get(request)
+                    if key is not None and kind == EXIT:
+                        del self.routes[request]
+                        del self.requests[key]
+                    client_lock = self.client_locks.get(key[0]) if key else None
+                if key is None or client_lock is None:
+                    continue
+                client, client_request = key
+                with client_lock, contextlib.suppress(OSError):
+                    client.sendall(pack(kind, client_request, payload))
+        except (OSError, ChannelError):
+            pass
+        os._exit(0)  # the qube or the stream went away: clients see their socket close
+
+    def serve(self) -> None:
+        agent = threading.Thread(target=self._serve_agent)
+        agent.daemon = True
+        agent.start()
+        while True:
+            ready = select.select([self.listener], [], [], 1.0)[0]
+            if ready:
+                client, _ = self.listener.accept()
+                with self.lock:
+                    self.clients += 1
+                    self.client_locks[client] = threading.Lock()
+                thread = threading.Thread(target=self._serve_client, args=(client,))
+                thread.daemon = True
+                thread.start()
+            with self.lock:
+                idle_for = time.monotonic() - self.last_activity
+                if self.clients == 0 and not self.routes and idle_for > self.idle:
+                    break
+        self.transport.close()
+
+
+def _listen(path: str) -> socket.socket:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o700)
+    try:
+        os.unlink(path)
+    except OSError as error:
+        if error.errno != errno.ENOENT:
+            raise
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is its user's only
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    return listener
+
+
+def run_multiplexer(spec: dict[str, Any], notify_fd: int) -> int:
+    """spec: {"command": [...], "socket": path, "idle": seconds, "timeout": seconds}."""
+    try:
+        transport = Transport(spec["command"], spec["timeout"])
+    except ConnectFailure as failure:
+        report = {"ok": False, "message": str(failure), "returncode": failure.returncode,
+                  "stderr": failure.stderr.decode("utf-8", "replace")}  # fmt: skip
+        os.write(notify_fd, encode_json(report) + b"\n")
+        return 1
+    listener = _listen(spec["socket"])
+    os.write(notify_fd, encode_json({"ok": True}) + b"\n")
+    os.close(notify_fd)
+    try:
+        Multiplexer(transport, listener, spec["idle"]).serve()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(spec["socket"])
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["agent"]:
+        run_agent()
+        return 0
+    if argv[:1] == ["mux"] and len(argv) == 3:
+        return run_multiplexer(json.loads(argv[1]), int(argv[2]))
+    sys.stderr.write("usage: qubes_channel.py agent | mux SPEC_JSON NOTIFY_FD\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
