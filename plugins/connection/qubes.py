@@ -5,7 +5,6 @@ DOCUMENTATION = r"""
 name: qubes
 short_description: Run tasks in Qubes OS qubes over qrexec
 version_added: 0.1.0
-author: qubes_infra.build maintainers
 description:
   - Runs commands and transfers files in a qube through one qrexec stream to C(qubes.VMShell)
     (or C(qubes.VMRootShell) for O(remote_user=root)); nothing else is needed in the qube but

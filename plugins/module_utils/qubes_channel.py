@@ -525,7 +525,7 @@ class Multiplexer:
             self.clients -= 1
             self.client_locks.pop(client, None)
             self.last_activity = time.monotonic()
-        for _, agent_request in abandoned:
+        for _key, agent_request in abandoned:
             # A client that went away (a killed worker) leaves no command running in the qube.
             self.transport.writer.send(KILL, agent_request)
         client.close()
@@ -559,7 +559,7 @@ class Multiplexer:
         while True:
             ready = select.select([self.listener], [], [], 1.0)[0]
             if ready:
-                client, _ = self.listener.accept()
+                client = self.listener.accept()[0]
                 with self.lock:
                     self.clients += 1
                     self.client_locks[client] = threading.Lock()
@@ -623,4 +623,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    raise SystemExit(main(sys.argv[1:]))
