@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -139,9 +140,13 @@ class _Command:
             threading.Thread(target=self._pump, args=(self.process.stdout, STDOUT)),
             threading.Thread(target=self._pump, args=(self.process.stderr, STDERR)),
         ]
-        for pump in self._pumps:
-            pump.daemon = True
-            pump.start()
+        # Input goes through a queue and a thread of its own: a command that does not read (yet)
+        # must not stall the agent, which serves other requests on the same stream.
+        self._input: queue.Queue[bytes] = queue.Queue()
+        feeder = threading.Thread(target=self._feed_input)
+        for thread in [*self._pumps, feeder]:
+            thread.daemon = True
+            thread.start()
         waiter = threading.Thread(target=self._wait)
         waiter.daemon = True
         waiter.start()
@@ -157,14 +162,19 @@ class _Command:
         self.writer.send(EXIT, self.request, encode_json({"rc": code, "error": None}))
 
     def feed(self, data: bytes) -> None:
+        """Queue input for the command; empty data is the end of input."""
+        self._input.put(data)
+
+    def _feed_input(self) -> None:
+        stdin = self.process.stdin
         try:
-            if data:
-                self.process.stdin.write(data)
-                self.process.stdin.flush()
-            else:
-                self.process.stdin.close()
+            for data in iter(self._input.get, b""):
+                stdin.write(data)
+                stdin.flush()
         except (BrokenPipeError, ValueError):
             pass  # the command does not read its input: what it left is dropped, never run
+        with contextlib.suppress(OSError):
+            stdin.close()
 
     def kill(self) -> None:
         with contextlib.suppress(OSError):
@@ -410,9 +420,14 @@ class Session:
     """Requests over one link: an agent's transport directly, or a multiplexer's socket."""
 
     def __init__(self, send: Callable[[bytes], None], reader: Reader) -> None:
-        self._send = send
+        self._send_unlocked = send
+        self._send_lock = threading.Lock()
         self._reader = reader
         self._next = 0
+
+    def _send(self, frame: bytes) -> None:
+        with self._send_lock:
+            self._send_unlocked(frame)
 
     def _request_id(self) -> int:
         self._next += 1
@@ -449,15 +464,25 @@ class Session:
         """Run a shell command; return its Result. TimeoutError after killing it."""
         request = self._request_id()
         self._send(pack(EXEC, request, encode_json({"cmd": command})))
-        for start in range(0, len(stdin), CHUNK):
-            self._send(pack(STDIN, request, stdin[start : start + CHUNK]))
-        self._send(pack(STDIN, request))
+        # Input is sent while output is read: a command's output may fill every pipe on the way
+        # before it reads all its input.
+        sender = threading.Thread(target=self._send_input, args=(request, stdin))
+        sender.daemon = True
+        sender.start()
         deadline = time.monotonic() + timeout if timeout else None
         try:
             return self._collect(request, Result(), deadline)
         except TimeoutError:
             self._send(pack(KILL, request))
             raise
+        finally:
+            sender.join(0 if deadline else None)
+
+    def _send_input(self, request: int, stdin: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for start in range(0, len(stdin), CHUNK):
+                self._send(pack(STDIN, request, stdin[start : start + CHUNK]))
+            self._send(pack(STDIN, request))
 
     def put(self, source: BinaryIO, path: str) -> Result:
         """Stream a local file object to path in the qube (atomic rename); return Result."""
@@ -490,6 +515,7 @@ class Multiplexer:
         self.client_locks: dict[socket.socket, threading.Lock] = {}
         self.next = 0
         self.clients = 0
+        self.agent_gone = False
         self.last_activity = time.monotonic()
 
     def _route(self, client: socket.socket, request: int) -> int:
@@ -550,26 +576,45 @@ class Multiplexer:
                     client.sendall(pack(kind, client_request, payload))
         except (OSError, ChannelError):
             pass
-        os._exit(0)  # the qube or the stream went away: clients see their socket close
+        # The qube or the stream went away: clients see their sockets close, and serve() ends.
+        with self.lock:
+            self.agent_gone = True
+            for client in self.client_locks:
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_RDWR)
 
-    def serve(self) -> None:
+    def _accept(self) -> None:
+        client = self.listener.accept()[0]
+        with self.lock:
+            self.clients += 1
+            self.client_locks[client] = threading.Lock()
+            self.last_activity = time.monotonic()
+        thread = threading.Thread(target=self._serve_client, args=(client,))
+        thread.daemon = True
+        thread.start()
+
+    def _finished(self) -> bool:
+        with self.lock:
+            if self.agent_gone:
+                return True
+            idle_for = time.monotonic() - self.last_activity
+            return self.clients == 0 and not self.routes and idle_for > self.idle
+
+    def serve(self, path: str) -> None:
         agent = threading.Thread(target=self._serve_agent)
         agent.daemon = True
         agent.start()
         while True:
-            ready = select.select([self.listener], [], [], 1.0)[0]
-            if ready:
-                client = self.listener.accept()[0]
-                with self.lock:
-                    self.clients += 1
-                    self.client_locks[client] = threading.Lock()
-                thread = threading.Thread(target=self._serve_client, args=(client,))
-                thread.daemon = True
-                thread.start()
-            with self.lock:
-                idle_for = time.monotonic() - self.last_activity
-                if self.clients == 0 and not self.routes and idle_for > self.idle:
+            if select.select([self.listener], [], [], 0.2)[0]:
+                self._accept()
+            elif self._finished():
+                # First let no new client find this socket, then serve any that connected just
+                # before: a client never reaches a multiplexer that is going away.
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                if not select.select([self.listener], [], [], 0)[0]:
                     break
+        self.listener.close()
         self.transport.close()
 
 
@@ -597,18 +642,18 @@ def run_multiplexer(spec: dict[str, Any], notify_fd: int) -> int:
     try:
         transport = Transport(spec["command"], spec["timeout"])
     except ConnectFailure as failure:
-        report = {"ok": False, "message": str(failure), "returncode": failure.returncode,
-                  "stderr": failure.stderr.decode("utf-8", "replace")}  # fmt: skip
+        report = {
+            "ok": False,
+            "message": str(failure),
+            "returncode": failure.returncode,
+            "stderr": failure.stderr.decode("utf-8", "replace"),
+        }
         os.write(notify_fd, encode_json(report) + b"\n")
         return 1
     listener = _listen(spec["socket"])
     os.write(notify_fd, encode_json({"ok": True}) + b"\n")
     os.close(notify_fd)
-    try:
-        Multiplexer(transport, listener, spec["idle"]).serve()
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(spec["socket"])
+    Multiplexer(transport, listener, spec["idle"]).serve(spec["socket"])
     return 0
 
 

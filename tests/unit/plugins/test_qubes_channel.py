@@ -1,0 +1,181 @@
+"""The framed channel, end to end with a real agent: bash stands in for qubes.VMShell (which is
+`exec /bin/bash` reading its stdin), so everything but qrexec itself is real."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_channel as channel
+
+ODD_NAMES = [
+    "plain",
+    "with space",
+    'quote\'s "double"',
+    "dollar $HOME",
+    "tick `id`",
+    "new\nline",
+    "ünïcödé ✓",
+    "-leading-dash",
+    "semi;colon&amp|pipe",
+]
+
+
+@pytest.fixture
+def session() -> Iterator[channel.Session]:
+    transport = channel.Transport(["bash"], timeout=30)
+    yield channel.Session(transport.send_bytes, transport.reader)
+    transport.close()
+
+
+def test_command_output_exit_code_and_input(session: channel.Session) -> None:
+    result = session.run("echo out; echo err >&2; exit 3")
+    assert (result.rc, bytes(result.stdout), bytes(result.stderr)) == (3, b"out\n", b"err\n")
+    data = os.urandom(3 * channel.CHUNK + 17)
+    result = session.run("cat", stdin=data)
+    assert bytes(result.stdout) == data
+
+
+def test_unread_input_is_never_executed(session: channel.Session, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    result = session.run("head -c 1 >/dev/null", stdin=f"x\ntouch {marker}\n".encode())
+    assert result.rc == 0
+    session.run("true")  # the channel is still in step
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_put_and_fetch_any_file_name(session: channel.Session, tmp_path: Path, name: str) -> None:
+    data = os.urandom(100_000)
+    target = tmp_path / name
+    assert session.put(io.BytesIO(data), str(target)).rc == 0
+    assert target.read_bytes() == data
+    fetched = bytearray()
+    assert session.fetch(str(target), fetched.extend).rc == 0
+    assert bytes(fetched) == data
+    assert sorted(os.listdir(tmp_path)) == [name]  # no temporary file left behind
+
+
+def test_put_replaces_atomically_and_keeps_the_old_file_on_error(
+    session: channel.Session, tmp_path: Path
+) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"old")
+    assert session.put(io.BytesIO(b"new"), str(target)).rc == 0
+    assert target.read_bytes() == b"new"
+    missing = tmp_path / "no-such-dir" / "file"
+    result = session.put(io.BytesIO(b"data"), str(missing))
+    assert result.rc == 1
+    assert result.error == f"cannot write {missing}: No such file or directory"
+
+
+def test_fetch_of_a_missing_file_names_it(session: channel.Session, tmp_path: Path) -> None:
+    result = session.fetch(str(tmp_path / "absent"), lambda _chunk: None)
+    assert result.rc == 1
+    assert f"{tmp_path / 'absent'}" in str(result.error)
+
+
+def test_timeout_kills_the_whole_command(session: channel.Session, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child"
+    with pytest.raises(TimeoutError):
+        session.run(f"sleep 300 & echo $! > {pid_file}; wait", timeout=1)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = (
+        Path(f"/proc/{child}/stat").read_text().split()[2]
+        if Path(f"/proc/{child}").exists()
+        else "gone"
+    )
+    assert state in ("gone", "Z")
+    assert bytes(session.run("echo next").stdout) == b"next\n"
+
+
+def test_handshake_failure_reports_exit_code_and_stderr() -> None:
+    with pytest.raises(channel.ConnectFailure) as failure:
+        channel.Transport(["sh", "-c", "echo 'Request refused' >&2; exit 126"], 10)
+    assert failure.value.returncode == 126
+    assert b"Request refused" in failure.value.stderr
+
+
+def test_handshake_timeout() -> None:
+    with pytest.raises(channel.ConnectFailure, match="no answer within 1 seconds"):
+        channel.Transport(["sleep", "30"], timeout=1)
+
+
+def test_oversized_frames_from_the_other_side_are_refused() -> None:
+    reader_end, writer_end = os.pipe()
+    os.write(writer_end, channel.HEADER.pack(channel.STDOUT, 1, channel.MAX_PAYLOAD + 1))
+    with pytest.raises(channel.ChannelError, match="oversized"):
+        channel.Reader(reader_end).read_frame()
+    os.close(reader_end)
+    os.close(writer_end)
+
+
+def test_exit_information_must_be_a_json_object() -> None:
+    with pytest.raises(channel.ChannelError, match="malformed"):
+        channel.decode_json(b"__import__('os').system('id')")
+    with pytest.raises(channel.ChannelError, match="malformed"):
+        channel.decode_json(b"[1, 2]")
+
+
+def _start_multiplexer(tmp_path: Path, idle: float) -> tuple[subprocess.Popen[bytes], str]:
+    path = str(tmp_path / "control" / "socket")
+    spec = {"command": ["bash"], "socket": path, "idle": idle, "timeout": 30}
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, channel.__file__, "mux", json.dumps(spec), str(write_end)],
+        pass_fds=(write_end,),
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as notify:
+        assert json.loads(notify.readline()) == {"ok": True}
+    return process, path
+
+
+def _client(path: str) -> channel.Session:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    return channel.Session(client.sendall, channel.Reader(client.fileno()))
+
+
+def test_multiplexer_serves_concurrent_clients_over_one_agent(tmp_path: Path) -> None:
+    process, path = _start_multiplexer(tmp_path, idle=30)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    results: dict[int, bytes] = {}
+
+    def work(number: int) -> None:
+        session = _client(path)
+        outputs = [bytes(session.run(f"echo {number}-{i}; echo $PPID").stdout) for i in range(5)]
+        results[number] = b"".join(outputs)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    agents = set()
+    for number, output in results.items():
+        lines = output.decode().split()
+        assert lines[0::2] == [f"{number}-{i}" for i in range(5)]
+        agents.update(lines[1::2])
+    assert len(agents) == 1  # every command ran under the same agent
+    process.terminate()
+    process.wait()
+
+
+def test_multiplexer_exits_when_idle(tmp_path: Path) -> None:
+    process, path = _start_multiplexer(tmp_path, idle=1)
+    assert bytes(_client(path).run("echo hi").stdout) == b"hi\n"
+    assert process.wait(timeout=30) == 0
+    assert not Path(path).exists()
