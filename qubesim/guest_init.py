@@ -229,12 +229,23 @@ def _request_shutdown(_signum: int, _frame: object) -> None:
     raise _Shutdown
 
 
-def _reap_until_shutdown() -> None:
+def _reap_all() -> None:
     while True:
         try:
-            os.wait()
+            pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            signal.pause()
+            return
+        if pid == 0:
+            return
+
+
+def _reap_until_shutdown() -> None:
+    """Reap every orphan of the qube, as init does. SIGCHLD is blocked and waited for, so that none
+    is missed between two waits; SIGTERM still interrupts the wait (shutdown)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    while True:
+        _reap_all()
+        signal.sigtimedwait({signal.SIGCHLD}, 60)
 
 
 def _stop_everything() -> None:
