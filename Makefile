@@ -19,12 +19,13 @@ COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
 NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
-.PHONY: help demo test bootstrap apt lint sanity unit integration clean
+.PHONY: help demo test bootstrap apt lint sanity unit integration bench clean
 
 help:
 	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host)"
 	@echo "make test   - lint, sanity, unit and integration tests"
 	@echo "make lint | sanity | unit | integration - one test layer"
+	@echo "make bench  - benchmarks (connection plugin), printed as a table"
 	@echo "make clean  - remove the virtual environment and the simulated host"
 
 demo: bootstrap
@@ -77,6 +78,11 @@ unit: bootstrap
 integration: bootstrap
 	$(QUBESIM) init
 	$(QUBESIM) dom0 -- pytest tests/integration
+
+# Timing lives here, never in tests: ratios measured side by side in one run.
+bench: bootstrap
+	$(QUBESIM) init
+	$(QUBESIM) dom0 -- python bench/connection/run.py
 
 clean:
 	-[ -x $(QUBESIM) ] && $(QUBESIM) destroy

@@ -251,7 +251,8 @@ class Connection(ConnectionBase):
         connected = _try_connect(path)
         if connected is not None:
             return connected
-        with open(f"{path}.lock", "a") as lock:
+        # One lock for the directory: starts are rare and short, and no lock files pile up.
+        with open(os.path.join(os.path.dirname(path), "qubes.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             connected = _try_connect(path)
             if connected is None:

@@ -112,7 +112,7 @@ def test_refuses_outside_the_window(qvm: Qvm, split_gpg: tuple[str, str, str]) -
 def test_refuses_when_the_window_has_expired(qvm: Qvm, split_gpg: tuple[str, str, str]) -> None:
     client, keys, fingerprint = split_gpg
     open_window(qvm, keys, client, age="301 seconds ago")
-    refused = sign(qvm, client, fingerprint, "--detach-sign")
+    refused = sign(qvm, client, fingerprint, "--detach-sign", "--armor")
     assert refused.returncode == 1
     assert refused.stdout == ""
 
@@ -123,11 +123,11 @@ def test_the_window_length_comes_from_the_keys_qube(
     client, keys, fingerprint = split_gpg
     qvm("qvm-run", "--pass-io", keys, "echo 'export QUBES_GPG_AUTOACCEPT=3600' >> ~/.profile")
     open_window(qvm, keys, client, age="1000 seconds ago")
-    assert sign(qvm, client, fingerprint, "--detach-sign").returncode == 0
+    assert sign(qvm, client, fingerprint, "--detach-sign", "--armor").returncode == 0
     # The client cannot widen the window: its environment does not reach the backend.
     open_window(qvm, keys, client, age="7200 seconds ago")
     command = (
-        f"QUBES_GPG_AUTOACCEPT=99999 qubes-gpg-client --local-user {fingerprint} --detach-sign"
+        f"QUBES_GPG_AUTOACCEPT=99999 qubes-gpg-client --local-user {fingerprint} --detach-sign -a"
     )
     assert qvm("qvm-run", "--pass-io", client, command, input=DATA, check=False).returncode == 1
 
@@ -158,7 +158,7 @@ def test_another_qube_cannot_use_the_keys(
     intruder = new_name()
     qvm("qvm-create", "--label", "red", "--property", "netvm=", intruder)
     open_window(qvm, keys, intruder)
-    command = f"qubes-gpg-client --local-user {fingerprint} --detach-sign"
+    command = f"qubes-gpg-client --local-user {fingerprint} --detach-sign -a"
     result = qvm(
         "qvm-run",
         "--pass-io",
