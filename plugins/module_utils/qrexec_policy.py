@@ -355,7 +355,7 @@ class _Parser:
         for service in sorted(services):
             files = sorted(services[service], key=lambda name: ("+" not in name, name))
             for name in files:
-                _, plus, argument = name.partition("+")
+                plus, argument = name.partition("+")[1:]
                 # Each argument file ends with implicit denies; the generic file adds nothing.
                 self.legacy_file(
                     os.path.join(self.legacy_directory, name),
