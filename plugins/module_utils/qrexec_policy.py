@@ -407,6 +407,18 @@ def _normalise_target(requested: str, source: Qube, system: System) -> str | Non
     return "@adminvm" if qube.klass == "AdminVM" else qube.name
 
 
+def _qube_matches(token: Token, qube: Qube) -> bool:
+    """A token that names qubes (by name, uuid, tag or type) against one qube."""
+    kind = token.kind
+    if kind == "name":
+        return qube.name == token.value
+    if kind == "uuid":
+        return qube.uuid == token.value
+    if kind == "tag":
+        return token.value in qube.tags
+    return kind == "type" and qube.klass == token.value
+
+
 def _source_matches(token: Token, source: Qube) -> bool:
     kind = token.kind
     if kind == "any":
@@ -415,15 +427,7 @@ def _source_matches(token: Token, source: Qube) -> bool:
         return source.klass != "AdminVM"
     if kind == "adminvm":
         return source.klass == "AdminVM"
-    if kind == "name":
-        return source.name == token.value
-    if kind == "uuid":
-        return source.uuid == token.value
-    if kind == "tag":
-        return token.value in source.tags
-    if kind == "type":
-        return source.klass == token.value
-    return False  # @dispvm:... never matches a source
+    return _qube_matches(token, source)  # @dispvm:... never matches a source
 
 
 def _target_matches(token: Token, target: str, source: Qube, system: System) -> bool:
@@ -443,15 +447,7 @@ def _target_matches(token: Token, target: str, source: Qube, system: System) -> 
         template = system.get(target[len("@dispvm:") :]) if target.startswith("@dispvm:") else None
         return template is not None and token.value in template.tags
     qube = None if target.startswith("@") else system.get(target)
-    if qube is None:
-        return False
-    if kind == "name":
-        return qube.name == token.value
-    if kind == "uuid":
-        return qube.uuid == token.value
-    if kind == "tag":
-        return token.value in qube.tags
-    return kind == "type" and qube.klass == token.value
+    return qube is not None and _qube_matches(token, qube)
 
 
 def _final_target(rule: Rule, target: str, source: Qube, system: System) -> tuple[str | None, str]:

@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from ansible_collections.qubes_infra.build.plugins.connection.qubes import describe_failure
+from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_channel as channel
 
-from tests.integration.conftest import Qvm, audit_since
+from tests.integration.conftest import Policy, Qvm, audit_since
 
 ROOT = Path(__file__).resolve().parents[4]
 PLAYBOOKS = Path(__file__).parent / "playbooks"
@@ -164,3 +166,39 @@ def test_persistent_mode_makes_one_qrexec_call(
         assert time.monotonic() < deadline, "the stream's call never reached the audit log"
         time.sleep(0.1)
     assert [e["service"] for e in calls] == ["qubes.VMShell"]
+
+
+def _stream_through(admin: str, target: str) -> list[str]:
+    """What the plugin runs in an admin qube, started here inside that qube."""
+    return ["qvm-run", "--pass-io", admin, f"exec qrexec-client-vm {target} qubes.VMShell"]
+
+
+def test_admin_qube_stream_runs_tasks_when_policy_allows(
+    qvm: Qvm, new_name: Callable[[], str], policy: Policy
+) -> None:
+    admin, target = new_name(), new_name()
+    for name in (admin, target):
+        qvm("qvm-create", "--label", "black", "--property", "netvm=", name)
+    policy(f"qubes.VMShell * {admin} {target} allow")
+    transport = channel.Transport(_stream_through(admin, target), timeout=60)
+    try:
+        session = channel.Session(transport.send_bytes, transport.reader)
+        result = session.run("hostname; id -un")
+        assert bytes(result.stdout).split() == [target.encode(), b"user"]
+    finally:
+        transport.close()
+
+
+def test_admin_qube_stream_refused_by_policy_is_told_apart(
+    qvm: Qvm, new_name: Callable[[], str], policy: Policy
+) -> None:
+    admin, target = new_name(), new_name()
+    for name in (admin, target):
+        qvm("qvm-create", "--label", "black", "--property", "netvm=", name)
+    policy(f"qubes.VMShell * {admin} {target} deny")
+    with pytest.raises(channel.ConnectFailure) as failure:
+        channel.Transport(_stream_through(admin, target), timeout=60)
+    reason = describe_failure(
+        target, failure.value.returncode, failure.value.stderr.decode(), autostart=True
+    )
+    assert reason == f"qrexec policy refused the shell service to qube {target!r}"
