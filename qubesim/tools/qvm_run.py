@@ -23,11 +23,10 @@ CHUNK = 1 << 16
 
 
 def shell_input(command: str) -> bytes:
-    """What goes before the caller's data on qubes.VMShell's stdin: the command in a group, then
-    `exit` on the group's last line, so that the shell has read exactly these lines when the command
-    starts (any data after them is the command's input) and never executes data left unread.
-    The group keeps commands that end in `&` or a comment valid."""
-    return b"{ " + command.rstrip("\n").encode() + b"\n}; exit\n"
+    """What goes before the caller's data on qubes.VMShell's stdin, exactly as Qubes' qvm-run sends
+    it: the command line ending in `; exit`, so that the shell ends with the command and never
+    executes data the command left unread."""
+    return command.rstrip("\n").encode() + b"; exit\n"
 
 
 def _copy_until_reader_leaves(source: int, pipe: int) -> None:

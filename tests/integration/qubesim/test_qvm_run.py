@@ -128,7 +128,7 @@ def test_twenty_concurrent_autostarts_of_one_halted_qube(qvm: Qvm, appvm: str) -
 
 
 def test_kill_stops_every_process(qvm: Qvm, appvm: str) -> None:
-    qvm("qvm-run", "--pass-io", appvm, "sleep 1017 >/dev/null 2>&1 &")
+    qvm("qvm-run", "--pass-io", appvm, "sleep 1017 >/dev/null 2>&1 & true")
     qvm("qvm-kill", appvm)
     assert qvm("qvm-check", "--running", appvm, check=False).returncode == 1
     assert "sleep 1017" not in subprocess.run(["ps", "ax"], capture_output=True, text=True).stdout
