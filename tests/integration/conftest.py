@@ -37,6 +37,15 @@ def run_tool(
     return result
 
 
+def as_root(
+    qube: str, command: str, *, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a shell command in a qube as root (qvm-run --user root), for setting tests up."""
+    return run_tool(
+        "qvm-run", "--pass-io", "--user", "root", qube, command, input=input, check=check
+    )
+
+
 @pytest.fixture
 def qvm() -> Qvm:
     return run_tool

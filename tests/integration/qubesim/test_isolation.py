@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tests.integration.conftest import Qvm
+from tests.integration.conftest import Qvm, as_root
 
 
 def test_qube_identity(qvm: Qvm, appvm: str) -> None:
@@ -37,16 +37,12 @@ def test_qube_cannot_see_simulator_dom0_or_other_qubes(
         "ls /etc/qubes/policy.d 2>/dev/null; "
         "echo done"
     )
-    out = qvm("qvm-run", "--pass-io", "--user", "root", appvm, probe).stdout
+    out = as_root(appvm, probe).stdout
     assert out == "done\n"
 
 
 def test_root_in_a_qube_cannot_mount(qvm: Qvm, appvm: str) -> None:
-    result = qvm(
-        "qvm-run",
-        "--pass-io",
-        "--user",
-        "root",
+    result = as_root(
         appvm,
         "mount -t tmpfs none /mnt 2>&1; echo rc=$?",
         check=False,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Policy, Qvm, audit_since
+from tests.integration.conftest import Policy, Qvm, as_root, audit_since
 
 ECHO_SERVICE = """#!/bin/sh
 echo "user=$(id -un) arg=${1-} remote=$QREXEC_REMOTE_DOMAIN full=$QREXEC_SERVICE_FULL_NAME \
@@ -22,11 +22,7 @@ touch /tmp/test-echo-ran
 
 def install_service(qvm: Qvm, qube: str, name: str, script: str) -> None:
     """A qrexec service in a qube's /usr/local/etc/qubes-rpc (persistent, as in Qubes AppVMs)."""
-    qvm(
-        "qvm-run",
-        "--pass-io",
-        "--user",
-        "root",
+    as_root(
         qube,
         f"mkdir -p /usr/local/etc/qubes-rpc && cat > /usr/local/etc/qubes-rpc/{name}"
         f" && chmod 755 /usr/local/etc/qubes-rpc/{name}",
@@ -70,8 +66,8 @@ def test_allowed_call_runs_in_target_with_user_argument_and_environment(
         f"user=user arg=hello remote={source} full=test.Echo+hello argument=hello type="
         f" host={target}\n"
     )
-    as_root = call(qvm, source, target, "test.Echo+as-root")
-    assert as_root.stdout.startswith("user=root arg=as-root ")
+    root_call = call(qvm, source, target, "test.Echo+as-root")
+    assert root_call.stdout.startswith("user=root arg=as-root ")
     bare = call(qvm, source, target, "test.Echo")
     assert "arg= " in bare.stdout and "argument= " in bare.stdout
 
@@ -192,11 +188,7 @@ def test_a_qube_cannot_claim_to_be_another(qvm: Qvm, policy: Policy, pair: tuple
 
 
 def test_a_qube_cannot_replace_the_qrexec_socket(qvm: Qvm, appvm: str) -> None:
-    result = qvm(
-        "qvm-run",
-        "--pass-io",
-        "--user",
-        "root",
+    result = as_root(
         appvm,
         "rm -f /run/qubesim/qrexec.sock 2>&1; ls /run/qubesim",
         check=False,

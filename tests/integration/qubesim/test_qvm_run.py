@@ -10,7 +10,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.integration.conftest import Qvm
+from tests.integration.conftest import Qvm, as_root
 
 
 def test_exit_code_of_the_command_is_passed_through(qvm: Qvm, appvm: str) -> None:
@@ -37,7 +37,7 @@ def test_autostart_starts_a_halted_qube(qvm: Qvm, appvm: str) -> None:
 
 
 def test_user_root_and_root_shell_service(qvm: Qvm, appvm: str) -> None:
-    assert qvm("qvm-run", "--pass-io", "--user", "root", appvm, "id -u").stdout == "0\n"
+    assert as_root(appvm, "id -u").stdout == "0\n"
     shell = qvm("qvm-run", "--pass-io", "--service", appvm, "qubes.VMRootShell", input="id -u\n")
     assert shell.stdout == "0\n"
     shell = qvm("qvm-run", "--pass-io", "--service", appvm, "qubes.VMShell", input="id -u\n")

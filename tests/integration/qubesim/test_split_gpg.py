@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Policy, Qvm
+from tests.integration.conftest import Policy, Qvm, as_root
 
 DATA = "release 4.3 payload\n"
 
@@ -33,11 +33,7 @@ def split_gpg(qvm: Qvm, new_name: Callable[[], str], policy: Policy) -> tuple[st
         keys,
         "gpg --with-colons --list-secret-keys | awk -F: '/^fpr/ {print $10; exit}'",
     ).stdout.strip()
-    qvm(
-        "qvm-run",
-        "--pass-io",
-        "--user",
-        "root",
+    as_root(
         client,
         f"echo {keys} > /rw/config/gpg-split-domain",
     )
@@ -46,11 +42,7 @@ def split_gpg(qvm: Qvm, new_name: Callable[[], str], policy: Policy) -> tuple[st
 
 
 def open_window(qvm: Qvm, keys: str, client: str, age: str = "now") -> None:
-    qvm(
-        "qvm-run",
-        "--pass-io",
-        "--user",
-        "root",
+    as_root(
         keys,
         f"mkdir -p /run/qubes-gpg-split && touch -d '{age}' /run/qubes-gpg-split/stat.{client}",
     )
