@@ -1,0 +1,304 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The build environments, from the `build_infra_*` variables: validation and the qubes they make.
+
+One implementation for the inventory plugin and the roles. Validation happens at once, before
+anything changes, and every error names the environment (or variable), the key and the rule.
+Standard library only; no Ansible import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+NAME_MAX = 31
+_QUBE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]*\Z")
+_RELEASE = re.compile(r"[0-9]+\.[0-9]+\Z")
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}\Z")
+_SIZE = re.compile(r"([0-9]+)\s*([KMGT]i?B?|B?)\Z", re.IGNORECASE)
+_HOST = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
+_HOST_KEY = re.compile(
+    r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}\Z"
+)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "KI": 1024,
+    "MI": 1024**2,
+    "GI": 1024**3,
+    "TI": 1024**4,
+}
+
+DEFAULTS = {
+    "build_infra_netvm": "sys-net",
+    "build_infra_build_template": "fedora-43-xfce",
+    "build_infra_keys_template": "fedora-43-minimal",
+    "build_infra_logs_template": "fedora-43-xfce",
+    "build_infra_build_netvm": "sys-whonix",
+    "build_infra_logs_netvm": "sys-firewall",
+    "build_infra_remote_hosts": {},
+    "build_infra_envs": {},
+}
+ENV_KEYS = ("logs", "volume_size", "sign_key", "builders")
+BUILDER_KEYS = ("dir", "release", "config_file", "config_repo", "keys")
+REMOTE_HOST_KEYS = ("user", "host_key")
+DEFAULT_LOGS = "build-logs"
+LABELS = {"build": "green", "keys": "black", "logs": "green"}
+
+
+class ConfigError(ValueError):
+    """Invalid build_infra_* variables; the message names where and which rule."""
+
+
+@dataclass(frozen=True)
+class Builder:
+    dir: str
+    release: str
+    config_file: str
+    config_repo: str
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Env:
+    name: str
+    logs: str
+    volume_size: int | None
+    sign_key: str | None
+    builders: tuple[Builder, ...]
+
+    @property
+    def build_vm(self) -> str:
+        return f"build-{self.name}"
+
+    @property
+    def keys_vm(self) -> str:
+        return f"keys-{self.name}"
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    netvm: str
+    build_template: str
+    keys_template: str
+    logs_template: str
+    build_netvm: str
+    logs_netvm: str
+    remote_hosts: dict[str, dict[str, str]] = field(default_factory=dict)
+    envs: tuple[Env, ...] = ()
+
+    @property
+    def logs_vms(self) -> list[str]:
+        return sorted({env.logs for env in self.envs})
+
+    def qubes(self) -> dict[str, dict[str, Any]]:
+        """The qubes the environments need, with their intended properties."""
+        result: dict[str, dict[str, Any]] = {}
+        for env in self.envs:
+            result[env.build_vm] = _qube(
+                "build", env.name, self.build_template, self.build_netvm, env.volume_size
+            )
+            result[env.keys_vm] = _qube("keys", env.name, self.keys_template, None, None)
+        for logs in self.logs_vms:
+            result[logs] = _qube("logs", None, self.logs_template, self.logs_netvm, None)
+        return result
+
+
+def _qube(
+    kind: str, env: str | None, template: str, netvm: str | None, size: int | None
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "env": env,
+        "class": "AppVM",
+        "label": LABELS[kind],
+        "template": template,
+        "netvm": netvm,
+        "volume_size": size,
+    }
+
+
+# -- validation -----------------------------------------------------------------------------------
+def qube_name(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: a qube name is required (a non-empty string)")
+    if len(value) > NAME_MAX:
+        raise ConfigError(f"{where}: qube name {value!r} is longer than {NAME_MAX} characters")
+    if not _QUBE_NAME.match(value):
+        raise ConfigError(f"{where}: qube name {value!r} must match ^[a-zA-Z][a-zA-Z0-9_-]*$")
+    return value
+
+
+def parse_size(value: object, where: str) -> int:
+    text = (
+        str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    )
+    match = _SIZE.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(
+            f"{where}: size {value!r} must be a positive number with an optional unit "
+            "(for example 20GiB, 512MiB, 10G)"
+        )
+    unit = match.group(2).upper().rstrip("B")
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def _fingerprint(value: object, where: str) -> str:
+    text = str(value).replace(" ", "") if isinstance(value, str) else ""
+    if not _FINGERPRINT.match(text):
+        raise ConfigError(f"{where}: {value!r} is not a 40-hex-digit OpenPGP fingerprint")
+    return text.upper()
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    return value
+
+
+def _no_unknown_keys(value: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+
+
+def _builder(value: object, where: str) -> Builder:
+    data = _mapping(value, where)
+    _no_unknown_keys(data, BUILDER_KEYS, where)
+    directory = data.get("dir")
+    if (
+        not isinstance(directory, str)
+        or not directory.startswith("/")
+        or ".." in directory.split("/")
+    ):
+        raise ConfigError(f"{where}.dir: {directory!r} must be an absolute path without '..'")
+    release = str(data.get("release", ""))
+    if not _RELEASE.match(release):
+        raise ConfigError(f"{where}.release: {data.get('release')!r} must look like 4.2")
+    config_file = data.get("config_file")
+    if (
+        not isinstance(config_file, str)
+        or not config_file
+        or config_file.startswith("/")
+        or (".." in config_file.split("/"))
+    ):
+        raise ConfigError(
+            f"{where}.config_file: {config_file!r} must be a relative path without '..'"
+        )
+    keys = data.get("keys") or []
+    if not isinstance(keys, list):
+        raise ConfigError(f"{where}.keys: must be a list of fingerprints")
+    return Builder(
+        dir=directory.rstrip("/") or "/",
+        release=release,
+        config_file=config_file,
+        config_repo=str(
+            data.get("config_repo") or "https://github.com/QubesOS/qubes-release-configs"
+        ),
+        keys=tuple(_fingerprint(key, f"{where}.keys[{index}]") for index, key in enumerate(keys)),
+    )
+
+
+def _env(name: object, value: object) -> Env:
+    where = f"build_infra_envs.{name}"
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: an environment name must be a string")
+    data = _mapping(value, where)
+    _no_unknown_keys(data, ENV_KEYS, where)
+    qube_name(f"build-{name}", f"{where}: the build qube name")
+    qube_name(f"keys-{name}", f"{where}: the keys qube name")
+    builders = data.get("builders") or []
+    if not isinstance(builders, list):
+        raise ConfigError(f"{where}.builders: must be a list")
+    size = data.get("volume_size")
+    sign_key = data.get("sign_key")
+    return Env(
+        name=name,
+        logs=qube_name(data.get("logs") or DEFAULT_LOGS, f"{where}.logs"),
+        volume_size=None if size is None else parse_size(size, f"{where}.volume_size"),
+        sign_key=None if sign_key is None else _fingerprint(sign_key, f"{where}.sign_key"),
+        builders=tuple(_builder(b, f"{where}.builders[{i}]") for i, b in enumerate(builders)),
+    )
+
+
+def _remote_hosts(value: object) -> dict[str, dict[str, str]]:
+    hosts = _mapping(value, "build_infra_remote_hosts")
+    result = {}
+    for host, settings in hosts.items():
+        where = f"build_infra_remote_hosts.{host}"
+        if not isinstance(host, str) or not _HOST.match(host):
+            raise ConfigError(f"{where}: {host!r} is not a valid host name")
+        data = _mapping(settings, where)
+        _no_unknown_keys(data, REMOTE_HOST_KEYS, where)
+        user = data.get("user", "user")
+        if not isinstance(user, str) or not _USER.match(user):
+            raise ConfigError(f"{where}.user: {user!r} is not a valid user name")
+        host_key = data.get("host_key")
+        if not isinstance(host_key, str) or not _HOST_KEY.match(host_key.strip()):
+            raise ConfigError(
+                f"{where}.host_key: expected 'TYPE BASE64' such as 'ssh-ed25519 AAAA...'"
+            )
+        result[host] = {"user": user, "host_key": host_key.strip()}
+    return result
+
+
+def _check_distinct(infrastructure: Infrastructure) -> None:
+    """No two qubes may end up with the same name (an env `logs` would make build-logs)."""
+    owners: dict[str, str] = {}
+    for env in infrastructure.envs:
+        for role, qube in (("build qube", env.build_vm), ("keys qube", env.keys_vm)):
+            owners.setdefault(qube, f"the {role} of env {env.name!r}")
+    service = {
+        infrastructure.netvm: "build_infra_netvm",
+        infrastructure.build_netvm: "build_infra_build_netvm",
+        infrastructure.logs_netvm: "build_infra_logs_netvm",
+        infrastructure.build_template: "build_infra_build_template",
+        infrastructure.keys_template: "build_infra_keys_template",
+        infrastructure.logs_template: "build_infra_logs_template",
+    }
+    for env in infrastructure.envs:
+        other = owners.get(env.logs) or service.get(env.logs)
+        if other:
+            raise ConfigError(f"build_infra_envs.{env.name}.logs: {env.logs!r} is also {other}")
+    for name, variable in service.items():
+        if name in owners:
+            raise ConfigError(f"{variable}: {name!r} is also {owners[name]}")
+
+
+def load(variables: dict[str, Any]) -> Infrastructure:
+    """Validate the build_infra_* variables (defaults applied) and return the infrastructure."""
+    values = {key: variables.get(key, default) for key, default in DEFAULTS.items()}
+    for key in (
+        "build_infra_netvm",
+        "build_infra_build_template",
+        "build_infra_keys_template",
+        "build_infra_logs_template",
+        "build_infra_build_netvm",
+        "build_infra_logs_netvm",
+    ):
+        qube_name(values[key], key)
+    envs = _mapping(values["build_infra_envs"], "build_infra_envs")
+    infrastructure = Infrastructure(
+        netvm=values["build_infra_netvm"],
+        build_template=values["build_infra_build_template"],
+        keys_template=values["build_infra_keys_template"],
+        logs_template=values["build_infra_logs_template"],
+        build_netvm=values["build_infra_build_netvm"],
+        logs_netvm=values["build_infra_logs_netvm"],
+        remote_hosts=_remote_hosts(values["build_infra_remote_hosts"]),
+        envs=tuple(
+            _env(name, value) for name, value in sorted(envs.items(), key=lambda i: str(i[0]))
+        ),
+    )
+    _check_distinct(infrastructure)
+    return infrastructure
