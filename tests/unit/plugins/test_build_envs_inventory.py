@@ -1,0 +1,139 @@
+"""The build_envs inventory plugin through ansible-inventory, on the example inventories and on
+bad group_vars."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+ANSIBLE_INVENTORY = shutil.which("ansible-inventory") or str(ROOT / ".venv/bin/ansible-inventory")
+
+
+def inventory(source: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    return subprocess.run(
+        [ANSIBLE_INVENTORY, "-i", str(source), *arguments],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+    )
+
+
+def unwrap(value: Any) -> Any:
+    """ansible-inventory marks plugin-provided values as unsafe: {"__ansible_unsafe": ...}."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {key: unwrap(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [unwrap(item) for item in value]
+    return value
+
+
+def listing(source: Path) -> dict[str, Any]:
+    result = inventory(source, "--list")
+    assert result.returncode == 0, result.stderr
+    return unwrap(json.loads(result.stdout))
+
+
+def test_example_inventory_hosts_groups_and_vars() -> None:
+    data = listing(ROOT / "inventory/build_infra.yml")
+    groups = {
+        name: sorted(value.get("hosts", [])) for name, value in data.items() if name != "_meta"
+    }
+    assert groups["build_vms"] == ["build-fedora", "build-kernel"]
+    assert groups["keys_vms"] == ["keys-fedora", "keys-kernel"]
+    assert groups["logs_vms"] == ["build-logs"]
+    assert groups["net_vms"] == ["sys-net"]
+    assert groups["templates"] == ["fedora-43-minimal", "fedora-43-xfce"]
+    assert groups["env_fedora"] == ["build-fedora", "build-logs", "keys-fedora"]
+    hostvars = data["_meta"]["hostvars"]
+    assert hostvars["dom0"]["ansible_connection"] == "local"
+    assert hostvars["keys-kernel"]["ansible_connection"] == "qubes_infra.build.qubes"
+    assert hostvars["keys-kernel"]["build_infra_env"] == "kernel"
+    assert hostvars["keys-kernel"]["build_infra_qube"] == {
+        "kind": "keys",
+        "env": "kernel",
+        "class": "AppVM",
+        "label": "black",
+        "template": "fedora-43-minimal",
+        "netvm": None,
+        "volume_size": None,
+    }
+    assert hostvars["build-fedora"]["build_infra_qube"]["volume_size"] == 60 * 1024**3
+    assert hostvars["fedora-43-xfce"]["build_infra_template_kinds"] == ["build", "logs"]
+
+
+def test_qubesim_variant_uses_the_simulator_template() -> None:
+    data = listing(ROOT / "inventory/qubesim/build_infra.yml")
+    assert sorted(data["templates"]["hosts"]) == ["debian-12"]
+
+
+def test_graph_shows_the_environments() -> None:
+    result = inventory(ROOT / "inventory/build_infra.yml", "--graph")
+    assert result.returncode == 0
+    assert "@env_kernel:" in result.stdout and "|--keys-kernel" in result.stdout
+
+
+def test_constructed_options(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "inventory/group_vars", tmp_path / "group_vars")
+    (tmp_path / "build_infra.yml").write_text(
+        "plugin: qubes_infra.build.build_envs\n"
+        "compose:\n  qube_label: build_infra_qube.label | default('none')\n"
+        "groups:\n  black_qubes: (build_infra_qube | default({})).label | default('') == 'black'\n"
+        "keyed_groups:\n  - key: build_infra_qube.template | default('none')\n    prefix: tmpl\n"
+    )
+    data = listing(tmp_path / "build_infra.yml")
+    assert sorted(data["black_qubes"]["hosts"]) == ["keys-fedora", "keys-kernel"]
+    assert sorted(data["tmpl_fedora_43_minimal"]["hosts"]) == ["keys-fedora", "keys-kernel"]
+    assert data["_meta"]["hostvars"]["build-logs"]["qube_label"] == "green"
+
+
+@pytest.mark.parametrize(
+    ("group_vars", "message"),
+    [
+        (
+            "build_infra_envs:\n  logs: {}\n",
+            "build_infra_envs.logs.logs: 'build-logs' is also the build qube of env 'logs'",
+        ),
+        (
+            "build_infra_envs:\n  fedora:\n    volume_size: lots\n",
+            "build_infra_envs.fedora.volume_size: size 'lots' must be a positive number",
+        ),
+        (
+            "build_infra_envs:\n  fedora:\n    builders:\n"
+            "      - {dir: /b, release: R4, config_file: c}\n",
+            "build_infra_envs.fedora.builders[0].release: 'R4' must look like 4.2",
+        ),
+        (
+            "build_infra_envs:\n  a_very_long_environment_name:\n    logs: build-logs\n",
+            "is longer than 31 characters",
+        ),
+    ],
+)
+def test_bad_group_vars_fail_with_a_clear_error(
+    tmp_path: Path, group_vars: str, message: str
+) -> None:
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "all.yml").write_text(group_vars)
+    (tmp_path / "build_infra.yml").write_text("plugin: qubes_infra.build.build_envs\n")
+    result = inventory(tmp_path / "build_infra.yml", "--list")
+    assert message in result.stderr
+
+
+def test_vault_files_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "group_vars" / "all").mkdir(parents=True)
+    (tmp_path / "group_vars" / "all" / "layout.yml").write_text("build_infra_envs:\n  fedora: {}\n")
+    (tmp_path / "group_vars" / "all" / "vault.yml").write_text("$ANSIBLE_VAULT;1.1;AES256\n6162\n")
+    (tmp_path / "build_infra.yml").write_text("plugin: qubes_infra.build.build_envs\n")
+    # Without a vault password: the plugin never needs the secrets.
+    result = inventory(tmp_path / "build_infra.yml", "--graph")
+    assert "build-fedora" in result.stdout
