@@ -1,0 +1,112 @@
+"""The qube module in dom0 (qubesim), through ansible: idempotence, check mode, diff, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.integration.conftest import Qvm
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def qube_task(name: str, *options: str, **arguments: Any) -> subprocess.CompletedProcess[str]:
+    """Run the module once on dom0 (`ansible localhost`), with arguments as JSON."""
+    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    args = json.dumps({"name": name, **arguments})
+    return subprocess.run(
+        [
+            "ansible",
+            "localhost",
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            "ansible_python_interpreter={{ ansible_playbook_python }}",
+            "-m",
+            "qubes_infra.build.qube",
+            "-a",
+            args,
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def changed(result: subprocess.CompletedProcess[str]) -> bool:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return '"changed": true' in result.stdout
+
+
+WANTED = {
+    "label": "green",
+    "netvm": "",
+    "volume_size": "3GiB",
+    "properties": {"memory": 800, "provides_network": True},
+    "tags": ["created-by-ansible"],
+    "features": {"os": "Linux"},
+    "services": {"crond": True, "cups": False},
+}
+
+
+def test_creates_then_changes_nothing(qvm: Qvm, new_name: Callable[[], str]) -> None:
+    name = new_name()
+    assert changed(qube_task(name, **WANTED))
+    prefs = qvm("qvm-prefs", name).stdout
+    assert any(line.split()[:3] == ["memory", "-", "800"] for line in prefs.splitlines())
+    assert qvm("qvm-prefs", name, "netvm").stdout == "\n"
+    assert qvm("qvm-volume", "info", f"{name}:private", "size").stdout == f"{3 * 1024**3}\n"
+    assert qvm("qvm-tags", name).stdout.split() == ["created-by-ansible"]
+    assert qvm("qvm-service", name).stdout.split() == ["crond", "on", "cups", "off"]
+    assert not changed(qube_task(name, **WANTED))
+
+
+def test_check_mode_changes_nothing_and_shows_the_diff(
+    qvm: Qvm, new_name: Callable[[], str]
+) -> None:
+    name = new_name()
+    result = qube_task(name, "--check", "--diff", **WANTED)
+    assert changed(result)
+    assert "present" in result.stdout and "absent" in result.stdout
+    assert qvm("qvm-check", "--quiet", name, check=False).returncode == 2
+    qube_task(name, **WANTED)
+    altered = qube_task(name, "--check", "--diff", **{**WANTED, "label": "red"})
+    assert changed(altered)
+    assert qvm("qvm-prefs", name, "label").stdout == "green\n"
+
+
+def test_refuses_to_shrink_the_private_volume(qvm: Qvm, new_name: Callable[[], str]) -> None:
+    name = new_name()
+    qube_task(name, label="red", volume_size="4GiB")
+    result = qube_task(name, label="red", volume_size="2GiB")
+    assert result.returncode != 0
+    assert "can only grow" in result.stdout
+    assert qvm("qvm-volume", "info", f"{name}:private", "size").stdout == f"{4 * 1024**3}\n"
+
+
+def test_power_state_and_removal(qvm: Qvm, new_name: Callable[[], str]) -> None:
+    name = new_name()
+    assert changed(qube_task(name, label="blue", state="running"))
+    assert qvm("qvm-check", "--running", "--quiet", name).returncode == 0
+    assert not changed(qube_task(name, label="blue", state="running"))
+    assert changed(qube_task(name, state="halted"))
+    assert qvm("qvm-check", "--running", "--quiet", name, check=False).returncode == 1
+    qube_task(name, state="running")
+    assert changed(qube_task(name, state="absent"))
+    assert qvm("qvm-check", "--quiet", name, check=False).returncode == 2
+    assert not changed(qube_task(name, state="absent"))
+
+
+def test_a_new_qube_needs_a_label(new_name: Callable[[], str]) -> None:
+    result = qube_task(new_name())
+    assert result.returncode != 0
+    assert "needs a label" in result.stdout
