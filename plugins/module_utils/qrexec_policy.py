@@ -483,16 +483,32 @@ class Policy:
         cls,
         policy_dirs: Iterable[str] = POLICY_DIRECTORIES,
         legacy_dir: str = LEGACY_DIRECTORY,
+        replacing: dict[str, str | None] | None = None,
     ) -> Policy:
-        """The installed policy; PolicySyntaxError for the first error (then all calls fail)."""
+        """The installed policy; PolicySyntaxError for the first error (then all calls fail).
+
+        `replacing` maps paths of policy files to the text they would have (a file to be written
+        is checked with the whole policy before it is installed); None as text removes the file.
+        """
+        replacing = replacing or {}
         chosen: dict[str, str] = {}
         for directory in policy_dirs:  # the first directory overrides files of the same name
             if os.path.isdir(directory):
                 for path in _policy_files(directory):
                     chosen.setdefault(os.path.basename(path), path)
+        for path, text in replacing.items():
+            name = os.path.basename(path)
+            if text is None:
+                chosen.pop(name, None)
+            elif name not in chosen or chosen[name] == path:
+                chosen[name] = path
         parser = _Parser(os.getcwd(), legacy_dir)
         for name in sorted(chosen):
-            parser.file(chosen[name])
+            path = chosen[name]
+            if replacing.get(path) is not None:
+                parser.text(replacing[path], path)
+            else:
+                parser.file(path)
         if parser.errors:
             raise parser.errors[0]
         return cls(parser.rules)
