@@ -38,6 +38,7 @@ keyed_groups:
 """
 
 import os
+import sys
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
@@ -109,7 +110,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             [],
             {
                 "ansible_connection": "local",
-                "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                # The controller's own Python (inventory values are not templated).
+                "ansible_python_interpreter": sys.executable,
             },
         )
         for name, qube in infrastructure.qubes().items():

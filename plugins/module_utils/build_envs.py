@@ -302,3 +302,59 @@ def load(variables: dict[str, Any]) -> Infrastructure:
     )
     _check_distinct(infrastructure)
     return infrastructure
+
+
+# -- dom0 policy -----------------------------------------------------------------------------------
+INFRA_TAG = "qubes-infra-build"
+GITHUB = "github.com"
+INFRA_SERVICES = (
+    "qubesbuilder.BuildLog",
+    "qubesbuilder.LogReceived",
+    "qubesbuilder.TriggerBuild",
+    "qubesbuilder.ProcessGithubCommand",
+    "local.ConnectSSH",
+)
+
+
+def policy_rules(infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = ()) -> list[str]:
+    """Every flow of the infrastructure, then denials for everything else among its qubes.
+
+    The build, keys and logs qubes carry the INFRA_TAG, so that one rule closes them to any call
+    not allowed above it; dom0 (the Ansible controller by default) is not subject to policy.
+    """
+    net = infrastructure.netvm
+    rules = ["# Build logs go to the logs qube; its receipt opens the signing window in keys-ENV."]
+    for env in infrastructure.envs:
+        rules += [
+            f"qubesbuilder.BuildLog * {env.build_vm} dom0 allow target={env.logs}",
+            f"qubesbuilder.LogReceived +{env.build_vm} {env.logs} dom0 allow target={env.keys_vm}",
+        ]
+    rules.append("# Split-GPG: each build qube signs with its own keys qube only.")
+    for env in infrastructure.envs:
+        rules += [
+            f"qubes.Gpg * {env.build_vm} {env.keys_vm} allow",
+            f"qubes.Gpg * {env.build_vm} @default allow target={env.keys_vm}",
+        ]
+    rules.append("# Webhooks received in the net qube start builds.")
+    for env in infrastructure.envs:
+        rules += [
+            f"qubesbuilder.TriggerBuild * {net} {env.build_vm} allow",
+            f"qubesbuilder.ProcessGithubCommand * {net} {env.build_vm} allow",
+        ]
+    rules.append("# ssh to the allowed hosts only, through the net qube.")
+    for host in [GITHUB, *sorted(set(infrastructure.remote_hosts) - {GITHUB})]:
+        rules += [
+            f"local.ConnectSSH +{host} {env.build_vm} {net} allow" for env in infrastructure.envs
+        ]
+    if admin_qubes:
+        rules.append("# Admin qubes that run Ansible on these qubes.")
+        for admin in admin_qubes:
+            rules += [
+                f"{shell} * {admin} @tag:{INFRA_TAG} allow"
+                for shell in ("qubes.VMShell", "qubes.VMRootShell")
+            ]
+    rules.append("# Nothing else: not these services anywhere, nor anything else to these qubes.")
+    for service in INFRA_SERVICES:
+        rules += [f"{service} * @anyvm @anyvm deny", f"{service} * @anyvm @adminvm deny"]
+    rules.append(f"* * @anyvm @tag:{INFRA_TAG} deny")
+    return rules

@@ -24,7 +24,7 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
     context.state().qube(call.source)
     decision = Qrexec(context.layout).evaluate(call)
     verdict = f"allow to {decision.target}" if decision.allowed else "deny"
-    print(f"{verdict}: {decision.reason} {decision.rule_location}".rstrip(), file=sys.stderr)
+    print(f"{verdict}: {decision.reason}", file=sys.stderr)
     return 0 if decision.allowed else 1
 
 

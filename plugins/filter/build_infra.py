@@ -1,0 +1,40 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Filters that turn the build_infra_* variables into what the roles manage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+    ConfigError,
+    Infrastructure,
+    load,
+    policy_rules,
+)
+
+
+def _infrastructure(variables: dict[str, Any]) -> Infrastructure:
+    try:
+        return load(
+            {key: value for key, value in variables.items() if key.startswith("build_infra_")}
+        )
+    except ConfigError as error:
+        raise AnsibleFilterError(str(error)) from None
+
+
+def build_infra_qubes(variables: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The qubes of every environment with their intended properties."""
+    return _infrastructure(variables).qubes()
+
+
+def build_infra_policy(
+    variables: dict[str, Any], admin_qubes: list[str] | None = None
+) -> list[str]:
+    """The dom0 policy lines: every flow of the infrastructure, and the denials of the rest."""
+    return policy_rules(_infrastructure(variables), tuple(admin_qubes or ()))
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {"build_infra_qubes": build_infra_qubes, "build_infra_policy": build_infra_policy}

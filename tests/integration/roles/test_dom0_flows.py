@@ -1,0 +1,93 @@
+"""The dom0 role's policy allows exactly the infrastructure's flows (DESIGN.md), evaluated with
+dom0's installed policy for every pair of qubes, service and argument."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qubesim.layout import current
+from qubesim.qrexec import Call, Qrexec
+from tests.integration.conftest import Qvm
+
+ROOT = Path(__file__).resolve().parents[3]
+ENVS = ("fedora", "kernel")
+LOGS = "build-logs"
+NET = "sys-net"
+OUTSIDER = "flow-outsider"
+SOURCES = [*(f"build-{e}" for e in ENVS), *(f"keys-{e}" for e in ENVS), LOGS, NET, OUTSIDER]
+TARGETS = ["dom0", "@default", *SOURCES]
+SERVICES = [
+    "qubesbuilder.BuildLog",
+    *(f"qubesbuilder.LogReceived+build-{e}" for e in ENVS),
+    "qubes.Gpg",
+    "qubesbuilder.TriggerBuild+core-admin",
+    "qubesbuilder.ProcessGithubCommand",
+    "local.ConnectSSH+github.com",
+    "local.ConnectSSH+yum.qubes-os.org",
+    "local.ConnectSSH+evil.example.com",
+    "qubes.Filecopy",
+    "qubes.VMShell",
+]
+
+
+def expected_flows() -> dict[tuple[str, str, str], str]:
+    """(source, requested target, service) -> the qube it runs in, for every allowed call."""
+    flows = {}
+    for env in ENVS:
+        build, keys = f"build-{env}", f"keys-{env}"
+        flows[(build, "dom0", "qubesbuilder.BuildLog")] = LOGS
+        flows[(LOGS, "dom0", f"qubesbuilder.LogReceived+{build}")] = keys
+        flows[(build, keys, "qubes.Gpg")] = keys
+        flows[(build, "@default", "qubes.Gpg")] = keys
+        flows[(NET, build, "qubesbuilder.TriggerBuild+core-admin")] = build
+        flows[(NET, build, "qubesbuilder.ProcessGithubCommand")] = build
+        for host in ("github.com", "yum.qubes-os.org"):
+            flows[(build, NET, f"local.ConnectSSH+{host}")] = NET
+    return flows
+
+
+@pytest.fixture(scope="module")
+def converged() -> None:
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            "inventory/qubesim/build_infra.yml",
+            "site.yml",
+            "--tags",
+            "dom0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    subprocess.run(["qvm-create", "--label", "red", OUTSIDER], capture_output=True)
+
+
+def test_policy_allows_exactly_the_infrastructure_flows(converged: None) -> None:
+    qrexec = Qrexec(current())
+    expected = expected_flows()
+    wrong = []
+    for source, target, service in itertools.product(SOURCES, TARGETS, SERVICES):
+        if source == target:
+            continue
+        decision = qrexec.evaluate(Call.parse(source, target, service))
+        actual = decision.target if decision.allowed else None
+        if actual != expected.get((source, target, service)):
+            wrong.append(f"{source} -> {target} {service}: {actual} ({decision.reason})")
+    assert wrong == []
+
+
+def test_the_dom0_tool_agrees(converged: None, qvm: Qvm) -> None:
+    for (source, target, service), _ in list(expected_flows().items())[:4]:
+        assert qvm("qrexec-policy-exec", "--just-evaluate", source, target, service).returncode == 0
+    denied = qvm(
+        "qrexec-policy-exec", "--just-evaluate", OUTSIDER, "keys-fedora", "qubes.Gpg", check=False
+    )
+    assert denied.returncode == 1
