@@ -30,8 +30,10 @@ help:
 
 demo: bootstrap
 	$(QUBESIM) init
-	$(QUBESIM) dom0 -- bash -c 'qvm-check --quiet demo 2>/dev/null || qvm-create --label red demo; \
-	  qvm-run --pass-io demo "echo hello from \$$(hostname): \$$(id -un) in a qube with \$$(ls /sys/class/net | tr \"\n\" \" \")"'
+	$(QUBESIM) dom0 -- ansible-playbook -i inventory/qubesim/build_infra.yml site.yml
+	$(QUBESIM) dom0 -- qvm-ls
+	$(QUBESIM) dom0 -- qvm-run --pass-io build-fedora \
+	  'echo "hello from $$(hostname): $$(id -un), network: $$(ls /sys/class/net | tr "\n" " ")"'
 
 test: lint sanity unit integration
 

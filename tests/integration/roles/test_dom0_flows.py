@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from qubesim.layout import current
 from qubesim.qrexec import Call, Qrexec
-from tests.integration.conftest import Qvm
+from tests.integration.conftest import Qvm, audit_since
 
 ROOT = Path(__file__).resolve().parents[3]
 ENVS = ("fedora", "kernel")
@@ -51,7 +53,7 @@ def expected_flows() -> dict[tuple[str, str, str], str]:
 
 
 @pytest.fixture(scope="module")
-def converged() -> None:
+def converged() -> Iterator[None]:
     result = subprocess.run(
         [
             "ansible-playbook",
@@ -68,6 +70,8 @@ def converged() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     subprocess.run(["qvm-create", "--label", "red", OUTSIDER], capture_output=True)
+    yield
+    subprocess.run(["qvm-remove", "--force", OUTSIDER], capture_output=True)
 
 
 def test_policy_allows_exactly_the_infrastructure_flows(converged: None) -> None:
@@ -91,3 +95,39 @@ def test_the_dom0_tool_agrees(converged: None, qvm: Qvm) -> None:
         "qrexec-policy-exec", "--just-evaluate", OUTSIDER, "keys-fedora", "qubes.Gpg", check=False
     )
     assert denied.returncode == 1
+
+
+def real_call(qvm: Qvm, source: str, target: str, service: str) -> int:
+    command = f"qrexec-client-vm {target} {service} </dev/null"
+    return qvm("qvm-run", "--pass-io", source, command, check=False).returncode
+
+
+def _full_name(entry: dict[str, object]) -> str:
+    return f"{entry['service']}+{entry['argument']}" if entry["argument"] else str(entry["service"])
+
+
+def test_real_calls_between_qubes_follow_the_policy(converged: None, qvm: Qvm) -> None:
+    """Every allowed flow reaches its target (the services are not installed yet: exit 127 from
+    the target, never 126 from dom0); a sample of everything else is refused with 126."""
+    started = datetime.now(UTC)
+    for source, target, service in expected_flows():
+        assert real_call(qvm, source, target, service) != 126, (source, target, service)
+    reached = {
+        (entry["source"], entry["target"], _full_name(entry)): entry["actual_target"]
+        for entry in audit_since(started)
+        if entry["decision"] == "allow" and entry["source"] != "dom0"
+    }
+    assert reached == expected_flows()
+    refused = [
+        (OUTSIDER, "keys-fedora", "qubes.Gpg"),
+        ("build-kernel", "keys-fedora", "qubes.Gpg"),
+        (OUTSIDER, "dom0", "qubesbuilder.BuildLog"),
+        (LOGS, "dom0", "qubesbuilder.LogReceived+build-other"),
+        ("build-fedora", "dom0", "qubesbuilder.LogReceived+build-fedora"),
+        (OUTSIDER, "build-fedora", "qubesbuilder.TriggerBuild+core-admin"),
+        ("build-fedora", NET, "local.ConnectSSH+evil.example.com"),
+        ("keys-fedora", NET, "local.ConnectSSH+github.com"),
+        ("build-fedora", "keys-kernel", "qubes.Filecopy"),
+        (OUTSIDER, LOGS, "qubes.VMShell"),
+    ]
+    assert [call for call in refused if real_call(qvm, *call) != 126] == []
