@@ -9,6 +9,7 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
     ConfigError,
     Infrastructure,
+    flow_matrix,
     load,
     policy_rules,
 )
@@ -35,6 +36,15 @@ def build_infra_policy(
     return policy_rules(_infrastructure(variables), tuple(admin_qubes or ()))
 
 
+def build_infra_flows(variables: dict[str, Any]) -> list[dict[str, str]]:
+    """Every call among the infrastructure's qubes, with the qube it must reach (empty: refused)."""
+    return flow_matrix(_infrastructure(variables))
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"build_infra_qubes": build_infra_qubes, "build_infra_policy": build_infra_policy}
+        return {
+            "build_infra_qubes": build_infra_qubes,
+            "build_infra_policy": build_infra_policy,
+            "build_infra_flows": build_infra_flows,
+        }

@@ -358,3 +358,45 @@ def policy_rules(infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = 
         rules += [f"{service} * @anyvm @anyvm deny", f"{service} * @anyvm @adminvm deny"]
     rules.append(f"* * @anyvm @tag:{INFRA_TAG} deny")
     return rules
+
+
+def expected_flows(infrastructure: Infrastructure) -> dict[tuple[str, str, str], str]:
+    """(source, requested target, SERVICE[+ARG]) -> the qube the call runs in, for every call the
+    infrastructure needs (the rows of DESIGN.md's diagram)."""
+    flows: dict[tuple[str, str, str], str] = {}
+    hosts = [GITHUB, *sorted(set(infrastructure.remote_hosts) - {GITHUB})]
+    for env in infrastructure.envs:
+        build, keys = env.build_vm, env.keys_vm
+        flows[(build, "dom0", "qubesbuilder.BuildLog")] = env.logs
+        flows[(env.logs, "dom0", f"qubesbuilder.LogReceived+{build}")] = keys
+        flows[(build, keys, "qubes.Gpg")] = keys
+        flows[(build, "@default", "qubes.Gpg")] = keys
+        flows[(infrastructure.netvm, build, "qubesbuilder.TriggerBuild+component")] = build
+        flows[(infrastructure.netvm, build, "qubesbuilder.ProcessGithubCommand")] = build
+        for host in hosts:
+            flows[(build, infrastructure.netvm, f"local.ConnectSSH+{host}")] = infrastructure.netvm
+    return flows
+
+
+def flow_matrix(infrastructure: Infrastructure) -> list[dict[str, str]]:
+    """Every call among the infrastructure's qubes worth checking, with what policy must decide:
+    `expect` is the qube it must run in, or empty when it must be refused."""
+    qubes = [*infrastructure.qubes(), infrastructure.netvm]
+    services = sorted({flow[2] for flow in expected_flows(infrastructure)})
+    services += [
+        f"qubesbuilder.LogReceived+{qube}" for qube in qubes if not qube.startswith("build-")
+    ]
+    services += ["local.ConnectSSH+example.invalid", "qubes.Filecopy", "qubes.VMShell"]
+    expected = expected_flows(infrastructure)
+    return [
+        {
+            "source": source,
+            "target": target,
+            "service": service,
+            "expect": expected.get((source, target, service), ""),
+        }
+        for source in qubes
+        for target in ["dom0", "@default", *qubes]
+        if target != source
+        for service in services
+    ]

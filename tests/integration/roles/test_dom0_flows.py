@@ -131,3 +131,33 @@ def test_real_calls_between_qubes_follow_the_policy(converged: None, qvm: Qvm) -
         (OUTSIDER, LOGS, "qubes.VMShell"),
     ]
     assert [call for call in refused if real_call(qvm, *call) != 126] == []
+
+
+def verify() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ansible-playbook", "-i", "inventory/qubesim/build_infra.yml", "playbooks/verify.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_verify_playbook_passes_on_the_converged_host(converged: None) -> None:
+    result = verify()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "flows as expected" in result.stdout
+
+
+def test_verify_playbook_names_the_first_wrong_flow(converged: None) -> None:
+    tamper = Path("/etc/qubes/policy.d/10-qubesim-tamper.policy")
+    tamper.write_text("qubes.Gpg * build-kernel keys-fedora allow\n")
+    try:
+        result = verify()
+    finally:
+        tamper.unlink()
+    assert result.returncode != 0
+    assert (
+        "wrong flow: build-kernel -> keys-fedora qubes.Gpg must be refused,"
+        " policy says allowed to keys-fedora"
+    ) in result.stdout

@@ -139,3 +139,34 @@ def test_bad_input_is_refused_with_a_clear_message(variables: dict[str, Any], me
     with pytest.raises(ConfigError) as error:
         load(variables)
     assert message in str(error.value)
+
+
+def test_policy_rules_load_and_decide_the_matrix() -> None:
+    """The generated policy, evaluated by the engine, gives every verdict of the flow matrix."""
+    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+        INFRA_TAG,
+        flow_matrix,
+        policy_rules,
+    )
+    from ansible_collections.qubes_infra.build.plugins.module_utils.qrexec_policy import (
+        Policy,
+        Qube,
+        Request,
+        System,
+    )
+
+    infrastructure = load(EXAMPLE)
+    tagged = frozenset({INFRA_TAG})
+    system = System(
+        [Qube("dom0", "AdminVM"), Qube("sys-net", "AppVM")]
+        + [Qube(name, "AppVM", tags=tagged) for name in infrastructure.qubes()]
+    )
+    policy = Policy.from_text("\n".join(policy_rules(infrastructure)) + "\n", "20-test.policy")
+    matrix = flow_matrix(infrastructure)
+    assert sum(1 for flow in matrix if flow["expect"]) == 2 * 8  # two envs, eight flows each
+    for flow in matrix:
+        service, _sep, argument = flow["service"].partition("+")
+        decision = policy.evaluate(
+            Request(flow["source"], flow["target"], service, argument), system
+        )
+        assert (decision.target if decision.allowed else "") == flow["expect"], flow
