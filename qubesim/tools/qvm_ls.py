@@ -30,6 +30,9 @@ def _selected(context: Context, state: State, arguments: argparse.Namespace) -> 
         names = [name for name in names if context.runtime.is_running(name)]
     if arguments.halted:
         names = [name for name in names if not context.runtime.is_running(name)]
+    if arguments.tags:
+        wanted = set(arguments.tags)
+        names = [name for name in names if wanted & set(state.qube(name)["tags"])]
     return names
 
 
@@ -67,5 +70,6 @@ def main(argv: list[str]) -> int:
     )
     tool.add_argument("--running", action="store_true", help="only running qubes")
     tool.add_argument("--halted", action="store_true", help="only halted qubes")
+    tool.add_argument("--tags", nargs="+", metavar="TAG", help="only qubes with one of these tags")
     tool.add_argument("VMNAME", nargs="*")
     return run(tool, argv, _body)
