@@ -44,9 +44,22 @@ def in_dom0(pid: int) -> bool:
         return False
 
 
+# The collection's example environments on the simulator's template: Ansible's inventory in
+# qubesim's dom0 unless the caller chose one, so that `ansible-playbook site.yml` from a checkout
+# runs against the simulated host (on a real dom0, ansible.cfg's inventory applies).
+SIMULATED_INVENTORY = Path(__file__).resolve().parents[1] / "inventory/qubesim/build_infra.yml"
+
+
 def dom0_environment(layout: Layout) -> dict[str, str]:
     path = os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    return {**os.environ, "QUBESIM_HOME": str(layout.home), "PATH": f"{layout.dom0_bin}:{path}"}
+    environment = {
+        **os.environ,
+        "QUBESIM_HOME": str(layout.home),
+        "PATH": f"{layout.dom0_bin}:{path}",
+    }
+    if "ANSIBLE_INVENTORY" not in environment and SIMULATED_INVENTORY.exists():
+        environment["ANSIBLE_INVENTORY"] = str(SIMULATED_INVENTORY)
+    return environment
 
 
 def enter(layout: Layout, argv: list[str]) -> None:
