@@ -13,8 +13,9 @@ export PATH := $(BIN):$(PATH)
 QUBESIM := $(BIN)/qubesim
 # Debian packages the simulator and the tests run on (qubesim builds its template from this root).
 APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg
+# The pip that ansible-test (ansible-core 2.19) seeds its virtualenvs with: it looks for
+# ~/.ansible/test/cache/get_pip_24_2.py before downloading get-pip from the internet.
 ANSIBLE_TEST_PIP := 24.2
-SANITY_TREE := $(or $(TMPDIR),/tmp)/qubes_infra-sanity
 COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
 NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
@@ -62,16 +63,17 @@ lint: bootstrap
 	ansible-lint --profile production
 
 # ansible-test needs the collection at .../ansible_collections/NAMESPACE/NAME; it checks a copy of
-# what the artifact contains. Its virtualenvs are seeded offline (tests/utils/get_pip.py).
+# what the artifact contains, in a fresh temporary directory so that two checkouts on one machine
+# never share it. Its virtualenvs are seeded offline (tests/utils/get_pip.py).
 sanity: bootstrap
-	rm -rf $(SANITY_TREE)
-	mkdir -p $(SANITY_TREE)/ansible_collections/qubes_infra/build ~/.ansible/test/cache
-	install -m 0644 tests/utils/get_pip.py ~/.ansible/test/cache/get_pip_$(subst .,_,$(ANSIBLE_TEST_PIP)).py
+	install -D -m 0644 tests/utils/get_pip.py ~/.ansible/test/cache/get_pip_$(subst .,_,$(ANSIBLE_TEST_PIP)).py
+	tree=$$(mktemp -d) && trap 'rm -rf "$$tree"' EXIT; \
+	collection=$$tree/ansible_collections/qubes_infra/build; \
+	mkdir -p "$$collection"; \
 	git ls-files --cached --others --exclude-standard | grep -vE '$(NOT_COLLECTION)' \
-	  | while read -r file; do [ -e "$$file" ] && echo "$$file"; done \
-	  | xargs -d '\n' cp --parents -t $(SANITY_TREE)/ansible_collections/qubes_infra/build
-	cd $(SANITY_TREE)/ansible_collections/qubes_infra/build && \
-	  ansible-test sanity --venv --python 3.11 --color no
+	  | while read -r file; do [ ! -e "$$file" ] || echo "$$file"; done \
+	  | xargs -d '\n' cp --parents -t "$$collection"; \
+	cd "$$collection" && ansible-test sanity --venv --python 3.11 --color no
 
 unit: bootstrap
 	pytest tests/unit

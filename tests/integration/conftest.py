@@ -37,6 +37,48 @@ def run_tool(
     return result
 
 
+ROOT = Path(__file__).resolve().parents[2]
+SIMULATED_INVENTORY = "inventory/qubesim/build_infra.yml"
+
+
+def ansible(command: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """An Ansible command run from the checkout with its ansible.cfg, as a user would."""
+    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    return subprocess.run(
+        [command, *arguments],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def site(*arguments: str, inventory: str = SIMULATED_INVENTORY) -> subprocess.CompletedProcess[str]:
+    return ansible("ansible-playbook", "-i", inventory, "site.yml", *arguments)
+
+
+def run_module(
+    module: str, arguments: dict[str, object], *options: str
+) -> subprocess.CompletedProcess[str]:
+    """One module run in dom0 (`ansible localhost`), arguments given as JSON."""
+    return ansible(
+        "ansible",
+        "localhost",
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        "ansible_python_interpreter={{ ansible_playbook_python }}",
+        "-m",
+        module,
+        "-a",
+        json.dumps(arguments),
+        *options,
+    )
+
+
 def as_root(
     qube: str, command: str, *, input: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:

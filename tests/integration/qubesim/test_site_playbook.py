@@ -3,23 +3,9 @@ inventory's qubesim variant: it creates the qubes and the policy, and converges.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from tests.integration.conftest import Qvm
-
-ROOT = Path(__file__).resolve().parents[3]
-QUBESIM_INVENTORY = "inventory/qubesim/build_infra.yml"
-
-
-def site(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ansible-playbook", "-i", QUBESIM_INVENTORY, "site.yml", *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+from tests.integration.conftest import ROOT, Qvm, site
 
 
 def test_site_dom0_creates_the_example_qubes_and_converges(qvm: Qvm) -> None:
@@ -57,39 +43,12 @@ def test_removing_an_environment(qvm: Qvm, tmp_path: Path) -> None:
     policy = Path("/etc/qubes/policy.d/20-qubes-infra-build.policy")
     try:
         site("--tags", "dom0")
-        kept = subprocess.run(
-            [
-                "ansible-playbook",
-                "-i",
-                str(inventory / "build_infra.yml"),
-                "site.yml",
-                "--tags",
-                "dom0",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        kept = site("--tags", "dom0", inventory=str(inventory / "build_infra.yml"))
         assert kept.returncode == 0, kept.stdout + kept.stderr
         assert "build-kernel" not in policy.read_text()
         assert "build-kernel" in qvm("qvm-ls", "--raw-list").stdout.split()
-        pruned = subprocess.run(
-            [
-                "ansible-playbook",
-                "-i",
-                str(inventory / "build_infra.yml"),
-                "site.yml",
-                "--tags",
-                "dom0",
-                "-e",
-                "dom0_prune=true",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        prune = ("--tags", "dom0", "-e", "dom0_prune=true")
+        pruned = site(*prune, inventory=str(inventory / "build_infra.yml"))
         assert pruned.returncode == 0, pruned.stdout + pruned.stderr
         names = qvm("qvm-ls", "--raw-list").stdout.split()
         assert "build-kernel" not in names and "keys-kernel" not in names

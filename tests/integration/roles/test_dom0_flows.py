@@ -13,9 +13,8 @@ import pytest
 
 from qubesim.layout import current
 from qubesim.qrexec import Call, Qrexec
-from tests.integration.conftest import Qvm, audit_since
+from tests.integration.conftest import SIMULATED_INVENTORY, Qvm, ansible, audit_since, site
 
-ROOT = Path(__file__).resolve().parents[3]
 ENVS = ("fedora", "kernel")
 LOGS = "build-logs"
 NET = "sys-net"
@@ -54,20 +53,7 @@ def expected_flows() -> dict[tuple[str, str, str], str]:
 
 @pytest.fixture(scope="module")
 def converged() -> Iterator[None]:
-    result = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            "inventory/qubesim/build_infra.yml",
-            "site.yml",
-            "--tags",
-            "dom0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = site("--tags", "dom0")
     assert result.returncode == 0, result.stdout + result.stderr
     subprocess.run(["qvm-create", "--label", "red", OUTSIDER], capture_output=True)
     yield
@@ -137,13 +123,7 @@ def test_real_calls_between_qubes_follow_the_policy(converged: None, qvm: Qvm) -
 
 
 def verify() -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ansible-playbook", "-i", "inventory/qubesim/build_infra.yml", "playbooks/verify.yml"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return ansible("ansible-playbook", "-i", SIMULATED_INVENTORY, "playbooks/verify.yml")
 
 
 def test_verify_playbook_passes_on_the_converged_host(converged: None) -> None:

@@ -15,23 +15,13 @@ from ansible_collections.qubes_infra.build.plugins.connection.qubes import descr
 from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_channel as channel
 
 from tests.integration.conftest import Policy, Qvm, audit_since
+from tests.integration.conftest import ansible as run_ansible
 
-ROOT = Path(__file__).resolve().parents[4]
 PLAYBOOKS = Path(__file__).parent / "playbooks"
 
 
-def ansible(
-    command: str, inventory: Path, *arguments: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), **(env or {})}
-    return subprocess.run(
-        [command, "-i", str(inventory), *arguments],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=ROOT,
-        timeout=900,
-    )
+def ansible(command: str, inventory: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return run_ansible(command, "-i", str(inventory), *arguments)
 
 
 def write_inventory(path: Path, qubes: list[str], **variables: object) -> Path:

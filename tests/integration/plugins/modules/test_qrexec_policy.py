@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,35 +9,14 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[4]
+from tests.integration.conftest import run_module
+
 POLICY_DIR = Path("/etc/qubes/policy.d")
 NAME = "25-qubesim-module-test.policy"
 
 
 def policy_task(*options: str, **arguments: Any) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
-    return subprocess.run(
-        [
-            "ansible",
-            "localhost",
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            "ansible_python_interpreter={{ ansible_playbook_python }}",
-            "-m",
-            "qubes_infra.build.qrexec_policy",
-            "-a",
-            json.dumps({"name": NAME, **arguments}),
-            *options,
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=ROOT,
-        timeout=300,
-    )
+    return run_module("qubes_infra.build.qrexec_policy", {"name": NAME, **arguments}, *options)
 
 
 def changed(result: subprocess.CompletedProcess[str]) -> bool:

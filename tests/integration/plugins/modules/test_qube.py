@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import Qvm
-
-ROOT = Path(__file__).resolve().parents[4]
+from tests.integration.conftest import Qvm, run_module
 
 
 def qube_task(name: str, *options: str, **arguments: Any) -> subprocess.CompletedProcess[str]:
-    """Run the module once on dom0 (`ansible localhost`), with arguments as JSON."""
-    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
-    args = json.dumps({"name": name, **arguments})
-    return subprocess.run(
-        [
-            "ansible",
-            "localhost",
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            "ansible_python_interpreter={{ ansible_playbook_python }}",
-            "-m",
-            "qubes_infra.build.qube",
-            "-a",
-            args,
-            *options,
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=ROOT,
-        timeout=300,
-    )
+    return run_module("qubes_infra.build.qube", {"name": name, **arguments}, *options)
 
 
 def changed(result: subprocess.CompletedProcess[str]) -> bool:
