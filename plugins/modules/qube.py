@@ -95,29 +95,11 @@ qube:
   sample: {"label": "green", "netvm": "sys-whonix", "running": true}
 """
 
-import re
-
 from ansible.module_utils.basic import AnsibleModule
-
-_UNITS = {
-    "": 1,
-    "K": 1000,
-    "M": 1000**2,
-    "G": 1000**3,
-    "T": 1000**4,
-    "KI": 1024,
-    "MI": 1024**2,
-    "GI": 1024**3,
-    "TI": 1024**4,
-}
-_SIZE = re.compile(r"([0-9]+)\s*([KMGT]i?)?B?\Z", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int | None:
-    match = _SIZE.match(str(text).strip())
-    if not match:
-        return None
-    return int(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+    ConfigError,
+    parse_size,
+)
 
 
 class Qvm:
@@ -208,9 +190,10 @@ class QubeState:
         wanted_text = self.params["volume_size"]
         if wanted_text is None:
             return
-        wanted = parse_size(wanted_text)
-        if wanted is None:
-            self.module.fail_json(msg=f"volume_size: {wanted_text!r} is not a size such as 20GiB")
+        try:
+            wanted = parse_size(wanted_text, "volume_size")
+        except ConfigError as error:
+            self.module.fail_json(msg=str(error))
         current = 0
         if self.qvm.exists(self.name):
             current = int(
