@@ -36,6 +36,14 @@ def build_infra_policy(
     return policy_rules(_infrastructure(variables), tuple(admin_qubes or ()))
 
 
+def build_infra_env(variables: dict[str, Any], name: str) -> dict[str, Any]:
+    """One environment with its defaults applied: its qubes' names, its key, its builders."""
+    for env in _infrastructure(variables).envs:
+        if env.name == name:
+            return env.describe()
+    raise AnsibleFilterError(f"build_infra_envs has no environment {name!r}")
+
+
 def build_infra_flows(variables: dict[str, Any]) -> list[dict[str, str]]:
     """Every call among the infrastructure's qubes, with the qube it must reach (empty: refused)."""
     return flow_matrix(_infrastructure(variables))
@@ -46,5 +54,6 @@ class FilterModule:
         return {
             "build_infra_qubes": build_infra_qubes,
             "build_infra_policy": build_infra_policy,
+            "build_infra_env": build_infra_env,
             "build_infra_flows": build_infra_flows,
         }

@@ -9,7 +9,7 @@ Standard library only; no Ansible import.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 NAME_MAX = 31
@@ -82,6 +82,15 @@ class Env:
     @property
     def keys_vm(self) -> str:
         return f"keys-{self.name}"
+
+    def describe(self) -> dict[str, Any]:
+        """The environment with its defaults applied and the names of its qubes."""
+        return {
+            **asdict(self),
+            "builders": [asdict(builder) for builder in self.builders],
+            "build_vm": self.build_vm,
+            "keys_vm": self.keys_vm,
+        }
 
 
 @dataclass(frozen=True)
