@@ -11,8 +11,9 @@ BIN := $(CURDIR)/$(VENV)/bin
 # The tools installed in the virtual environment come first (ansible-lint, ansible-test expect it).
 export PATH := $(BIN):$(PATH)
 QUBESIM := $(BIN)/qubesim
-# Debian packages the simulator and the tests run on (qubesim builds its template from this root).
-APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg
+# Debian packages the simulator and the tests run on (qubesim builds its template from this root;
+# openssh-server serves the logs repository in the signing-chain tests).
+APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg openssh-server
 # The pip that ansible-test (ansible-core 2.19) seeds its virtualenvs with: it looks for
 # ~/.ansible/test/cache/get_pip_24_2.py before downloading get-pip from the internet.
 ANSIBLE_TEST_PIP := 24.2

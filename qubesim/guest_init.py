@@ -8,7 +8,10 @@ with /home and (in AppVMs) /usr/local on it. After pivot_root the host's files a
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -195,7 +198,33 @@ def boot(spec: BootSpec) -> None:
     _mount_qrexec(spec, root)
     _write_identity(spec, root)
     _pivot(root)
+    _make_runtime_directories()
     linux.drop_bounding_capabilities(list(dropped_capabilities(spec.isolated_network).values()))
+
+
+def _make_runtime_directories() -> None:
+    """What systemd-tmpfiles does at boot for /run: the `d` entries of tmpfiles.d (the packages'
+    own runtime directories, such as split-GPG's), with their mode, owner and group."""
+    entries: dict[str, list[str]] = {}
+    for folder in ("/usr/lib/tmpfiles.d", "/etc/tmpfiles.d"):  # /etc overrides by file name
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".conf"):
+                    entries[name] = Path(folder, name).read_text(errors="replace").splitlines()
+    for lines in entries.values():
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 5 and fields[0] == "d" and fields[1].startswith("/run/"):
+                _make_directory(*fields[1:5])
+
+
+def _make_directory(path: str, mode: str, owner: str, group: str) -> None:
+    with contextlib.suppress(OSError, KeyError, ValueError):
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, int(mode, 8) if mode != "-" else 0o755)
+        uid = pwd.getpwnam(owner).pw_uid if owner != "-" else 0
+        gid = grp.getgrnam(group).gr_gid if group != "-" else 0
+        os.chown(path, uid, gid)
 
 
 def _run_rc_local() -> None:

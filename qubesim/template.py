@@ -41,6 +41,7 @@ GUEST_FILES = {
     "etc/qubes-rpc/qubes.Gpg": ("split-gpg", 0o755),
     "etc/qubes-rpc/qubes.GpgImportKey": ("split-gpg", 0o755),
     "etc/profile.d/qubes-gpg.sh": ("qubes-gpg.sh", 0o644),
+    "usr/lib/tmpfiles.d/qubes-gpg-split.conf": ("qubes-gpg-split.tmpfiles", 0o644),
     "etc/qubes-rpc/qubes.VMShell": ("qubes.VMShell", 0o755),
     "etc/qubes-rpc/qubes.VMRootShell": ("qubes.VMShell", 0o755),
     "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),
@@ -171,10 +172,23 @@ def _ensure_user(root: Path) -> None:
         etc / "passwd", holds_id, f"{USER}:x:{USER_ID}:{USER_ID}:{USER}:/home/{USER}:/bin/bash"
     )
     groups = _rewrite_entries(etc / "group", holds_id, f"{USER}:x:{USER_ID}:")
+    _ensure_qubes_group(etc / "group")
     _rewrite_entries(
         etc / "shadow", lambda f: f[0] in users | {USER}, f"{USER}:!:19000:0:99999:7:::"
     )
     _rewrite_entries(etc / "gshadow", lambda f: f[0] in groups | {USER}, f"{USER}:!::")
+
+
+def _ensure_qubes_group(path: Path) -> None:
+    """The `qubes` group that Qubes templates have, with `user` in it (split-GPG's windows are
+    root:qubes)."""
+    entries = [line.split(":") for line in path.read_text().splitlines()]
+    if any(fields[0] == "qubes" for fields in entries):
+        return
+    taken = {int(fields[2]) for fields in entries if len(fields) > 2 and fields[2].isdigit()}
+    gid = next(number for number in range(98, 1000) if number not in taken)
+    with open(path, "a") as file:
+        file.write(f"qubes:x:{gid}:{USER}\n")
 
 
 def prepare(layout: Layout, name: str) -> None:

@@ -1,0 +1,222 @@
+"""The signing chain on qubesim: a build qube's log reaches the logs repository (signed commit,
+pushed over ssh to a real sshd), and only then may the build qube sign, in its own keys qube only.
+Every way it must fail is tried through the same qubes, policy and services as in Qubes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    ROOT,
+    SIMULATED_INVENTORY,
+    Policy,
+    ansible,
+    as_root,
+    run_tool,
+    site,
+)
+from tests.integration.logs_server import LogsServer, Sshd, logs_server
+
+PLAYBOOK = str(ROOT / "tests/integration/roles/playbooks/signing_chain.yml")
+STAT = "/run/qubes-gpg-split/stat.{}"
+
+
+@dataclass
+class Chain:
+    server: LogsServer
+    sshd: Sshd
+    variables: Path
+    public_keys: Path
+
+    def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        return ansible(
+            "ansible-playbook",
+            "-i",
+            SIMULATED_INVENTORY,
+            "-e",
+            f"@{self.variables}",
+            PLAYBOOK,
+            *arguments,
+        )
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    converged = site("--tags", "dom0")
+    assert converged.returncode == 0, converged.stdout + converged.stderr
+    with logs_server(tmp_path_factory.mktemp("logs-server")) as (server, sshd):
+        place = tmp_path_factory.mktemp("chain")
+        variables = place / "vars.json"
+        variables.write_text(
+            json.dumps(
+                {
+                    **server.role_variables(),
+                    "keys_vm_generate_key": True,
+                    "keys_vm_key_algorithm": "ed25519",
+                    "keys_vm_public_keys_dir": str(place / "public-keys"),
+                }
+            )
+        )
+        variables.chmod(0o600)
+        # The qubes outlive a test run; the logs repository of an earlier one is gone.
+        as_root("build-logs", "rm -rf /home/user/QubesIncomingBuildLog")
+        chain = Chain(server, sshd, variables, place / "public-keys")
+        first = chain.play()
+        assert first.returncode == 0, first.stdout + first.stderr
+        for env in ("fedora", "kernel"):
+            as_root(f"build-{env}", f"echo keys-{env} > /rw/config/gpg-split-domain")
+        yield chain
+
+
+def in_qube(qube: str, command: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """A command as the qube's user, in a login shell as qrexec services and users have."""
+    return run_tool("qvm-run", "--pass-io", qube, f"bash -lc {json.dumps(command)}",
+                    input=input, check=False)  # fmt: skip
+
+
+def send_log(build_qube: str, text: str) -> subprocess.CompletedProcess[str]:
+    return in_qube(build_qube, "qrexec-client-vm dom0 qubesbuilder.BuildLog", input=text)
+
+
+def sign(build_qube: str) -> subprocess.CompletedProcess[str]:
+    return in_qube(build_qube, "qubes-gpg-client-wrapper --armor --detach-sign", input="artifact\n")
+
+
+def close_window(keys_qube: str, build_qube: str) -> None:
+    as_root(keys_qube, f"rm -f {STAT.format(build_qube)}")
+
+
+def window_open(keys_qube: str, build_qube: str) -> bool:
+    return as_root(keys_qube, f"test -e {STAT.format(build_qube)}", check=False).returncode == 0
+
+
+def secret_keys(qube: str) -> list[str]:
+    """Fingerprints of the secret keys (and subkeys) in a qube's keyring."""
+    listing = in_qube(qube, "gpg --batch --with-colons --list-secret-keys").stdout
+    return [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")]
+
+
+def test_roles_converge_once_and_check_mode_changes_nothing(chain: Chain) -> None:
+    again = chain.play("--diff")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "changed=0" in again.stdout and "changed=1" not in again.stdout
+    checked = chain.play("--check", "--diff")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "changed=1" not in checked.stdout
+
+
+def test_a_log_opens_the_signing_window_of_its_own_keys_qube_only(chain: Chain) -> None:
+    for env in ("fedora", "kernel"):
+        close_window(f"keys-{env}", f"build-{env}")
+    refused = sign("build-fedora")
+    assert refused.returncode != 0 and "BEGIN PGP SIGNATURE" not in refused.stdout
+
+    sent = send_log("build-fedora", "compiling foo\nlinking foo\n")
+    assert sent.returncode == 0, sent.stderr
+    name = sent.stdout.strip()
+    assert name.startswith("build-fedora/log_")
+    stored = chain.server.git("show", f"master:{name}").stdout
+    assert "build-fedora: compiling foo" in stored and "build-fedora: linking foo" in stored
+    verified = chain.server.git("verify-commit", "--raw", "master")
+    assert f"VALIDSIG {chain.server.logs_key}" in verified.stderr.replace("\n", " ") or (
+        chain.server.logs_key in verified.stderr
+    ), verified.stderr
+
+    assert window_open("keys-fedora", "build-fedora")
+    assert not window_open("keys-kernel", "build-fedora")
+    assert not window_open("keys-kernel", "build-kernel")
+    signature = sign("build-fedora")
+    assert signature.returncode == 0, signature.stderr
+    assert "BEGIN PGP SIGNATURE" in signature.stdout
+    assert sign("build-kernel").returncode != 0
+
+    public_key = (chain.public_keys / "keys-fedora.asc").read_text()
+    keyring = chain.server.directory / "verify"
+    keyring.mkdir(mode=0o700, exist_ok=True)
+    environment = {"GNUPGHOME": str(keyring), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["gpg", "--batch", "--import"], input=public_key, env=environment,
+                   text=True, capture_output=True, check=True)  # fmt: skip
+    (keyring / "artifact.asc").write_text(signature.stdout)
+    (keyring / "artifact").write_text("artifact\n")
+    good = subprocess.run(
+        ["gpg", "--batch", "--verify", str(keyring / "artifact.asc"), str(keyring / "artifact")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert good.returncode == 0, good.stderr
+
+
+def test_log_received_only_from_the_logs_qube_for_its_own_build_qube(
+    chain: Chain, policy: Policy
+) -> None:
+    close_window("keys-fedora", "build-kernel")
+    close_window("keys-fedora", "build-fedora")
+    # dom0 is not the logs qube: refused by the service itself.
+    from_dom0 = run_tool(
+        "qvm-run", "--pass-io", "--service", "keys-fedora", "qubesbuilder.LogReceived+build-fedora",
+        check=False,
+    )  # fmt: skip
+    assert from_dom0.returncode != 0
+    # A policy that wrongly let the logs qube name another environment's build qube.
+    policy(
+        "qubesbuilder.LogReceived +build-kernel build-logs keys-fedora allow",
+        name="10-wrong-log-received.policy",
+    )
+    wrong = in_qube(
+        "build-logs", "qrexec-client-vm keys-fedora qubesbuilder.LogReceived+build-kernel"
+    )
+    assert wrong.returncode != 0
+    assert not window_open("keys-fedora", "build-kernel")
+    assert not window_open("keys-fedora", "build-fedora")
+    logged = in_qube("keys-fedora", "cat ~/.local/state/qubesbuilder/log-received.log").stdout
+    assert "from 'dom0' for 'build-fedora'" in logged
+    assert "from 'build-logs' for 'build-kernel'" in logged
+
+
+def test_a_log_whose_push_failed_opens_nothing_and_goes_with_the_next(chain: Chain) -> None:
+    close_window("keys-fedora", "build-fedora")
+    before = chain.server.git("rev-parse", "master").stdout
+    chain.sshd.stop()
+    try:
+        failed = send_log("build-fedora", "built while the server was down\n")
+    finally:
+        chain.sshd.start()
+    assert failed.returncode != 0
+    assert not window_open("keys-fedora", "build-fedora")
+    assert chain.server.git("rev-parse", "master").stdout == before
+    second = send_log("build-fedora", "built after\n")
+    assert second.returncode == 0, second.stderr
+    pushed = chain.server.git("log", "--format=%s", f"{before.strip()}..master").stdout.split("\n")
+    assert sorted(line.split(": ", 1)[1] for line in pushed if line) == sorted(
+        [failed.stdout.strip(), second.stdout.strip()]
+    )
+    assert window_open("keys-fedora", "build-fedora")
+
+
+def test_secret_keys_stay_in_the_keys_qubes_which_have_no_network(chain: Chain) -> None:
+    signing_keys = {secret_keys(f"keys-{env}")[0] for env in ("fedora", "kernel")}
+    for qube in ("build-fedora", "build-kernel"):
+        assert secret_keys(qube) == []
+    assert chain.server.logs_key in secret_keys("build-logs")
+    assert not signing_keys & set(secret_keys("build-logs"))
+    for env in ("fedora", "kernel"):
+        interfaces = in_qube(f"keys-{env}", "ls /sys/class/net").stdout.split()
+        assert interfaces == ["lo"]
+
+
+def test_a_keys_qube_with_a_network_is_refused(chain: Chain) -> None:
+    run_tool("qvm-prefs", "keys-kernel", "netvm", "sys-firewall")
+    try:
+        refused = chain.play("--limit", "keys-kernel")
+    finally:
+        run_tool("qvm-prefs", "keys-kernel", "netvm", "")
+    assert refused.returncode != 0
+    assert "keys-kernel has netvm sys-firewall: a keys qube holds a signing key" in refused.stdout
