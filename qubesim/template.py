@@ -28,6 +28,10 @@ SYSTEM_DIRECTORIES = frozenset(
 # template has them, empty.
 EMPTIED_DIRECTORIES = ("home", "root", "mnt", "media", "opt", "srv", "usr/local")
 
+# What a distribution's /usr/local holds when nothing is installed there (Qubes copies the
+# template's /usr/local into an AppVM's private volume on its first start).
+USR_LOCAL_DIRECTORIES = ("bin", "etc", "games", "include", "lib", "sbin", "share", "src")
+
 USER = "user"
 USER_ID = 1000
 
@@ -143,6 +147,8 @@ def install_guest_files(root: Path) -> None:
             path.write_bytes(content)
         os.chmod(path, mode)
         os.chown(path, 0, 0)
+    for directory in USR_LOCAL_DIRECTORIES:
+        (root / "usr/local" / directory).mkdir(mode=0o755, exist_ok=True)
     _ensure_user(root)
 
 

@@ -5,12 +5,15 @@ Every way it must fail is tried through the same qubes, policy and services as i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.conftest import (
     ROOT,
@@ -21,9 +24,11 @@ from tests.integration.conftest import (
     run_tool,
     site,
 )
+from tests.integration.git_daemon import git_daemon
 from tests.integration.logs_server import LogsServer, Sshd, logs_server
 
 PLAYBOOK = str(ROOT / "tests/integration/roles/playbooks/signing_chain.yml")
+TEST_BUILDER = ROOT / "tests/integration/test_builder"
 STAT = "/run/qubes-gpg-split/stat.{}"
 
 
@@ -31,6 +36,7 @@ STAT = "/run/qubes-gpg-split/stat.{}"
 class Chain:
     server: LogsServer
     sshd: Sshd
+    inventory: Path
     variables: Path
     public_keys: Path
 
@@ -38,7 +44,7 @@ class Chain:
         return ansible(
             "ansible-playbook",
             "-i",
-            SIMULATED_INVENTORY,
+            str(self.inventory),
             "-e",
             f"@{self.variables}",
             PLAYBOOK,
@@ -46,12 +52,37 @@ class Chain:
         )
 
 
+def _inventory(place: Path, release_configs: str) -> Path:
+    """The simulated example, its builders' release configurations served here."""
+    inventory = place / "inventory"
+    shutil.copytree(ROOT / SIMULATED_INVENTORY.rsplit("/", 1)[0], inventory)
+    variables_file = inventory / "group_vars/all/build_infra.yml"
+    variables = yaml.safe_load(variables_file.read_text())
+    for env in variables["build_infra_envs"].values():
+        for builder in env["builders"]:
+            builder["config_repo"] = release_configs
+    variables_file.write_text(yaml.safe_dump(variables))
+    return inventory / "build_infra.yml"
+
+
+def _release_configs(place: Path) -> Path:
+    configs = place / "release-configs"
+    (configs / "R4.2").mkdir(parents=True)
+    (configs / "R4.2/qubes-os-r4.2-host.conf").write_text("RELEASE := 4.2\n")
+    return configs
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     converged = site("--tags", "dom0")
     assert converged.returncode == 0, converged.stdout + converged.stderr
-    with logs_server(tmp_path_factory.mktemp("logs-server")) as (server, sshd):
-        place = tmp_path_factory.mktemp("chain")
+    place = tmp_path_factory.mktemp("chain")
+    with (
+        logs_server(tmp_path_factory.mktemp("logs-server")) as (server, sshd),
+        git_daemon(tmp_path_factory.mktemp("repositories")) as repositories,
+    ):
+        builder_commit = repositories.publish("qubes-builder", TEST_BUILDER)
+        repositories.publish("release-configs", _release_configs(place))
         variables = place / "vars.json"
         variables.write_text(
             json.dumps(
@@ -60,17 +91,21 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                     "keys_vm_generate_key": True,
                     "keys_vm_key_algorithm": "ed25519",
                     "keys_vm_public_keys_dir": str(place / "public-keys"),
+                    "build_vm_builder_repo_url": repositories.url("qubes-builder"),
+                    "build_vm_builder_commit": builder_commit,
+                    "build_vm_required_keys": [],
                 }
             )
         )
         variables.chmod(0o600)
-        # The qubes outlive a test run; the logs repository of an earlier one is gone.
+        # The qubes outlive a test run; the repositories of an earlier one are gone.
         as_root("build-logs", "rm -rf /home/user/QubesIncomingBuildLog")
-        chain = Chain(server, sshd, variables, place / "public-keys")
+        for env in ("fedora", "kernel"):
+            as_root(f"build-{env}", "rm -rf /home/user/builder-r4.2")
+        inventory = _inventory(place, repositories.url("release-configs"))
+        chain = Chain(server, sshd, inventory, variables, place / "public-keys")
         first = chain.play()
         assert first.returncode == 0, first.stdout + first.stderr
-        for env in ("fedora", "kernel"):
-            as_root(f"build-{env}", f"echo keys-{env} > /rw/config/gpg-split-domain")
         yield chain
 
 
@@ -220,3 +255,109 @@ def test_a_keys_qube_with_a_network_is_refused(chain: Chain) -> None:
         run_tool("qvm-prefs", "keys-kernel", "netvm", "")
     assert refused.returncode != 0
     assert "keys-kernel has netvm sys-firewall: a keys qube holds a signing key" in refused.stdout
+
+
+BUILDER = "/home/user/builder-r4.2"
+
+
+def build(qube: str, component: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """The test builder's auto-build in a build qube, as builder-github starts it."""
+    variables = " ".join(f"{name}={value}" for name, value in settings.items())
+    return in_qube(qube, f"{variables} {BUILDER}/scripts/auto-build {component}")
+
+
+def stored_lines(server: LogsServer, name: str) -> list[str]:
+    """The lines a build sent, as stored in the logs repository (without time and source)."""
+    text = server.git("show", f"master:{name}").stdout
+    lines = [line.split(": ", 1)[1] for line in text.splitlines()]
+    assert lines[0] == "> starting log" and lines[-1] == "> closing log", lines
+    return lines[1:-1]
+
+
+def verify_signature(chain: Chain, keys_qube: str, data: str, signature: str) -> bool:
+    keyring = chain.server.directory / f"verify-{keys_qube}"
+    keyring.mkdir(mode=0o700, exist_ok=True)
+    environment = {"GNUPGHOME": str(keyring), "PATH": "/usr/bin:/bin"}
+    public_key = (chain.public_keys / f"{keys_qube}.asc").read_text()
+    subprocess.run(["gpg", "--batch", "--import"], input=public_key, env=environment,
+                   text=True, capture_output=True, check=True)  # fmt: skip
+    (keyring / "data").write_text(data)
+    (keyring / "data.asc").write_text(signature)
+    verified = subprocess.run(
+        ["gpg", "--batch", "--verify", str(keyring / "data.asc"), str(keyring / "data")],
+        env=environment,
+        capture_output=True,
+        check=False,
+    )
+    return verified.returncode == 0
+
+
+def test_a_build_commits_its_whole_log_once_and_signs_with_its_key(chain: Chain) -> None:
+    close_window("keys-fedora", "build-fedora")
+    before = chain.server.git("rev-parse", "master").stdout.strip()
+    built = build("build-fedora", "core-admin", BUILD_STEPS="5")
+    assert built.returncode == 0, built.stdout + built.stderr
+    commits = chain.server.git("rev-list", f"{before}..master").stdout.split()
+    assert len(commits) == 1
+    out = f"{BUILDER}/artifacts/core-admin"
+    name = in_qube("build-fedora", f"cat {out}/log-name").stdout.strip()
+    printed = in_qube("build-fedora", f"cat {out}/build.log").stdout.splitlines()
+    assert len(printed) == 7 and printed[-1] == "built core-admin.tar"
+    assert stored_lines(chain.server, name) == printed
+    assert (
+        f"VALIDSIG {chain.server.logs_key}"
+        in chain.server.git("verify-commit", "--raw", commits[0]).stderr.replace("\n", " ")
+        or chain.server.logs_key in chain.server.git("verify-commit", "--raw", commits[0]).stderr
+    )
+    artifact = in_qube("build-fedora", f"cat {out}/core-admin.tar").stdout
+    signature = in_qube("build-fedora", f"cat {out}/core-admin.tar.asc").stdout
+    assert verify_signature(chain, "keys-fedora", artifact, signature)
+    assert not verify_signature(chain, "keys-kernel", artifact, signature)
+
+
+def test_signing_after_the_window_is_refused(chain: Chain) -> None:
+    sent = send_log("build-fedora", "a build\n")
+    assert sent.returncode == 0, sent.stderr
+    assert sign("build-fedora").returncode == 0
+    as_root("keys-fedora", f"touch -d '10 minutes ago' {STAT.format('build-fedora')}")
+    late = sign("build-fedora")
+    assert late.returncode != 0 and "BEGIN PGP SIGNATURE" not in late.stdout
+
+
+def test_a_killed_build_leaves_every_line_it_sent(chain: Chain) -> None:
+    before = chain.server.git("rev-parse", "master").stdout.strip()
+    out = f"{BUILDER}/artifacts/killed"
+    as_root("build-fedora", f"rm -rf {out}")
+    in_qube(
+        "build-fedora",
+        f"STEP_DELAY=0.2 BUILD_STEPS=100000 setsid {BUILDER}/scripts/auto-build killed"
+        " </dev/null >/dev/null 2>&1 &",
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        printed = in_qube("build-fedora", f"cat {out}/build.log 2>/dev/null").stdout
+        if printed.count("step ") >= 5:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the build printed nothing")
+    as_root("build-fedora", "pkill -KILL -f 'auto-build killed'")
+    deadline = time.monotonic() + 120
+    while chain.server.git("rev-parse", "master").stdout.strip() == before:
+        assert time.monotonic() < deadline, "the killed build's log never reached the repository"
+        time.sleep(0.5)
+    name = in_qube("build-fedora", f"cat {out}/log-name").stdout.strip()
+    printed_lines = in_qube("build-fedora", f"cat {out}/build.log").stdout.splitlines()
+    assert len(printed_lines) >= 5
+    assert stored_lines(chain.server, name) == printed_lines
+    assert in_qube("build-fedora", f"test -e {out}/killed.tar.asc").returncode != 0
+
+
+def test_the_logs_qube_restarted_between_builds_loses_nothing(chain: Chain) -> None:
+    first = send_log("build-kernel", "before the restart\n")
+    assert first.returncode == 0, first.stderr
+    run_tool("qvm-shutdown", "--wait", "build-logs")
+    second = send_log("build-kernel", "after the restart\n")
+    assert second.returncode == 0, second.stderr
+    assert stored_lines(chain.server, first.stdout.strip()) == ["before the restart"]
+    assert stored_lines(chain.server, second.stdout.strip()) == ["after the restart"]
