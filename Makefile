@@ -19,12 +19,12 @@ APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gn
 ANSIBLE_TEST_PIP := 24.2
 COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
-NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
+NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
 .PHONY: help demo test bootstrap apt lint sanity unit integration bench clean
 
 help:
-	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host)"
+	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host) and one build"
 	@echo "make test   - lint, sanity, unit and integration tests"
 	@echo "make lint | sanity | unit | integration - one test layer"
 	@echo "make bench  - benchmarks (connection plugin), printed as a table"
@@ -32,10 +32,11 @@ help:
 
 demo: bootstrap
 	$(QUBESIM) init
-	$(QUBESIM) dom0 -- ansible-playbook -i inventory/qubesim/build_infra.yml site.yml
+	$(QUBESIM) world up
+	$(QUBESIM) dom0 -- ansible-playbook -i inventory/qubesim/build_infra.yml \
+	  -e @"$$($(QUBESIM) world variables)" site.yml
 	$(QUBESIM) dom0 -- qvm-ls
-	$(QUBESIM) dom0 -- qvm-run --pass-io build-fedora \
-	  'echo "hello from $$(hostname): $$(id -un), network: $$(ls /sys/class/net | tr "\n" " ")"'
+	$(QUBESIM) dom0 -- demo/build-and-verify
 
 test: lint sanity unit integration
 

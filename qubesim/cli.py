@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from qubesim import audit, dom0, host
+from qubesim import audit, dom0, host, world
 from qubesim.errors import QubesimError
 from qubesim.layout import current
 
@@ -25,9 +25,29 @@ def _parser() -> argparse.ArgumentParser:
     log = commands.add_parser("audit", help="print the qrexec audit log")
     log.add_argument("--since", type=audit.parse_since, help="ISO 8601 time or epoch seconds")
     log.add_argument("--json", action="store_true", help="one JSON object per line")
+    outside = commands.add_parser(
+        "world",
+        help="the outside world on loopback: the logs repository behind sshd, qubes-builder and"
+        " its release configurations behind git daemon",
+    )
+    outside.add_argument(
+        "action",
+        choices=["up", "down", "variables"],
+        help="start (making it first), stop, or print the file of the collection's variables",
+    )
     enter = commands.add_parser("dom0", help="run a command (default: a shell) as in dom0")
     enter.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     return parser
+
+
+def _world(outside: world.World, action: str) -> None:
+    if action == "up":
+        world.up(outside)
+        print(f"qubesim: world up; the collection's variables are in {outside.variables_file}")
+    elif action == "down":
+        world.down(outside)
+    else:
+        print(outside.variables_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                     if arguments.json
                     else audit.format_entry(entry)
                 )
+        elif arguments.command == "world":
+            host.require_root()
+            _world(world.World(layout), arguments.action)
         else:
             host.require_root()
             command = arguments.argv[1:] if arguments.argv[:1] == ["--"] else arguments.argv

@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 
-from qubesim import daemon, dom0, template
+from qubesim import daemon, dom0, template, world
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 from qubesim.model import Database, State
@@ -92,5 +92,6 @@ def destroy(layout: Layout) -> bool:
                 template.unmount(layout, name)
     daemon.stop_singleton(layout, daemon.QREXEC)
     daemon.stop_singleton(layout, dom0.HOLDER)
+    world.down(world.World(layout))
     shutil.rmtree(layout.home)
     return True

@@ -110,12 +110,12 @@ def _require_trusted_tip(repository: str, tip: str, logs_key: str, timeout: floa
         )
 
 
-def _commit(repository: str, log_path: str, source: str, timeout: float) -> None:
+def _commit(repository: str, log_path: str, timeout: float) -> None:
     """Commit everything not yet committed (this log, and any a failure left behind)."""
     _git(repository, timeout, "add", "--all")
     if _git(repository, timeout, "status", "--porcelain").stdout.strip():
         name = os.path.relpath(log_path, repository)
-        _git(repository, timeout, "commit", "--quiet", "--gpg-sign", "-m", f"{source}: {name}")
+        _git(repository, timeout, "commit", "--quiet", "--gpg-sign", "-m", f"Build log {name}")
 
 
 def _fetch_tip(repository: str, branch: str, timeout: float) -> str:
@@ -157,7 +157,7 @@ def publish(log_path: str, source: str, config: dict[str, Any]) -> None:
     repository, branch = config["directory"], config["branch"]
     timeout = float(config["git_timeout"])
     with _locked(repository):
-        _commit(repository, log_path, source, timeout)
+        _commit(repository, log_path, timeout)
         tip = _fetch_tip(repository, branch, timeout)
         _require_trusted_tip(repository, tip, config["logs_key"], timeout)
         _rebase(repository, tip, timeout)

@@ -5,7 +5,6 @@ Every way it must fail is tried through the same qubes, policy and services as i
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,100 +12,67 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
+from qubesim import world
+from qubesim.layout import current
 from tests.integration.conftest import (
-    ROOT,
-    SIMULATED_INVENTORY,
     Policy,
-    ansible,
     as_root,
     run_tool,
     site,
 )
-from tests.integration.git_daemon import git_daemon
-from tests.integration.logs_server import LogsServer, Sshd, logs_server
 
-PLAYBOOK = str(ROOT / "tests/integration/roles/playbooks/signing_chain.yml")
-TEST_BUILDER = ROOT / "tests/integration/test_builder"
 STAT = "/run/qubes-gpg-split/stat.{}"
 
 
 @dataclass
 class Chain:
-    server: LogsServer
-    sshd: Sshd
-    inventory: Path
+    world: world.World
     variables: Path
     public_keys: Path
 
     def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
-        return ansible(
-            "ansible-playbook",
-            "-i",
-            str(self.inventory),
-            "-e",
-            f"@{self.variables}",
-            PLAYBOOK,
-            *arguments,
+        return site("-e", f"@{self.variables}", *arguments)
+
+    def logs(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        """git on the logs repository, with the keyring that verifies the logs key."""
+        return subprocess.run(
+            ["git", "--git-dir", str(self.world.logs_repository), *arguments],
+            env=self.world.environment(),
+            capture_output=True,
+            text=True,
+            check=False,
         )
 
-
-def _inventory(place: Path, release_configs: str) -> Path:
-    """The simulated example, its builders' release configurations served here."""
-    inventory = place / "inventory"
-    shutil.copytree(ROOT / SIMULATED_INVENTORY.rsplit("/", 1)[0], inventory)
-    variables_file = inventory / "group_vars/all/build_infra.yml"
-    variables = yaml.safe_load(variables_file.read_text())
-    for env in variables["build_infra_envs"].values():
-        for builder in env["builders"]:
-            builder["config_repo"] = release_configs
-    variables_file.write_text(yaml.safe_dump(variables))
-    return inventory / "build_infra.yml"
-
-
-def _release_configs(place: Path) -> Path:
-    configs = place / "release-configs"
-    (configs / "R4.2").mkdir(parents=True)
-    (configs / "R4.2/qubes-os-r4.2-host.conf").write_text("RELEASE := 4.2\n")
-    return configs
+    @property
+    def logs_key(self) -> str:
+        return str(self.world.variables()["build_logs_key_fingerprint"])
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    converged = site("--tags", "dom0")
-    assert converged.returncode == 0, converged.stdout + converged.stderr
+    outside = world.World(current())
+    world.up(outside)
     place = tmp_path_factory.mktemp("chain")
-    with (
-        logs_server(tmp_path_factory.mktemp("logs-server")) as (server, sshd),
-        git_daemon(tmp_path_factory.mktemp("repositories")) as repositories,
-    ):
-        builder_commit = repositories.publish("qubes-builder", TEST_BUILDER)
-        repositories.publish("release-configs", _release_configs(place))
-        variables = place / "vars.json"
-        variables.write_text(
-            json.dumps(
-                {
-                    **server.role_variables(),
-                    "keys_vm_generate_key": True,
-                    "keys_vm_key_algorithm": "ed25519",
-                    "keys_vm_public_keys_dir": str(place / "public-keys"),
-                    "build_vm_builder_repo_url": repositories.url("qubes-builder"),
-                    "build_vm_builder_commit": builder_commit,
-                    "build_vm_required_keys": [],
-                }
-            )
+    variables = place / "vars.json"
+    variables.write_text(
+        json.dumps(
+            {
+                **outside.variables(),
+                "keys_vm_key_algorithm": "ed25519",
+                "keys_vm_public_keys_dir": str(place / "public-keys"),
+            }
         )
-        variables.chmod(0o600)
-        # The qubes outlive a test run; the repositories of an earlier one are gone.
-        as_root("build-logs", "rm -rf /home/user/QubesIncomingBuildLog")
-        for env in ("fedora", "kernel"):
-            as_root(f"build-{env}", "rm -rf /home/user/builder-r4.2")
-        inventory = _inventory(place, repositories.url("release-configs"))
-        chain = Chain(server, sshd, inventory, variables, place / "public-keys")
-        first = chain.play()
-        assert first.returncode == 0, first.stdout + first.stderr
-        yield chain
+    )
+    variables.chmod(0o600)
+    # The qubes outlive a test run, and the world may have been made anew since.
+    as_root("build-logs", "rm -rf /home/user/QubesIncomingBuildLog")
+    for env in ("fedora", "kernel"):
+        as_root(f"build-{env}", "rm -rf /home/user/builder-r4.2")
+    chain = Chain(outside, variables, place / "public-keys")
+    first = chain.play()
+    assert first.returncode == 0, first.stdout + first.stderr
+    yield chain
 
 
 def in_qube(qube: str, command: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -156,11 +122,11 @@ def test_a_log_opens_the_signing_window_of_its_own_keys_qube_only(chain: Chain) 
     assert sent.returncode == 0, sent.stderr
     name = sent.stdout.strip()
     assert name.startswith("build-fedora/log_")
-    stored = chain.server.git("show", f"master:{name}").stdout
+    stored = chain.logs("show", f"master:{name}").stdout
     assert "build-fedora: compiling foo" in stored and "build-fedora: linking foo" in stored
-    verified = chain.server.git("verify-commit", "--raw", "master")
-    assert f"VALIDSIG {chain.server.logs_key}" in verified.stderr.replace("\n", " ") or (
-        chain.server.logs_key in verified.stderr
+    verified = chain.logs("verify-commit", "--raw", "master")
+    assert f"VALIDSIG {chain.logs_key}" in verified.stderr.replace("\n", " ") or (
+        chain.logs_key in verified.stderr
     ), verified.stderr
 
     assert window_open("keys-fedora", "build-fedora")
@@ -172,7 +138,7 @@ def test_a_log_opens_the_signing_window_of_its_own_keys_qube_only(chain: Chain) 
     assert sign("build-kernel").returncode != 0
 
     public_key = (chain.public_keys / "keys-fedora.asc").read_text()
-    keyring = chain.server.directory / "verify"
+    keyring = chain.world.directory / "verify"
     keyring.mkdir(mode=0o700, exist_ok=True)
     environment = {"GNUPGHOME": str(keyring), "PATH": "/usr/bin:/bin"}
     subprocess.run(["gpg", "--batch", "--import"], input=public_key, env=environment,
@@ -218,19 +184,19 @@ def test_log_received_only_from_the_logs_qube_for_its_own_build_qube(
 
 def test_a_log_whose_push_failed_opens_nothing_and_goes_with_the_next(chain: Chain) -> None:
     close_window("keys-fedora", "build-fedora")
-    before = chain.server.git("rev-parse", "master").stdout
-    chain.sshd.stop()
+    before = chain.logs("rev-parse", "master").stdout
+    world.stop_sshd(chain.world)
     try:
         failed = send_log("build-fedora", "built while the server was down\n")
     finally:
-        chain.sshd.start()
+        world.start_sshd(chain.world)
     assert failed.returncode != 0
     assert not window_open("keys-fedora", "build-fedora")
-    assert chain.server.git("rev-parse", "master").stdout == before
+    assert chain.logs("rev-parse", "master").stdout == before
     second = send_log("build-fedora", "built after\n")
     assert second.returncode == 0, second.stderr
-    pushed = chain.server.git("log", "--format=%s", f"{before.strip()}..master").stdout.split("\n")
-    assert sorted(line.split(": ", 1)[1] for line in pushed if line) == sorted(
+    pushed = chain.logs("log", "--format=%s", f"{before.strip()}..master").stdout.split("\n")
+    assert sorted(line.removeprefix("Build log ") for line in pushed if line) == sorted(
         [failed.stdout.strip(), second.stdout.strip()]
     )
     assert window_open("keys-fedora", "build-fedora")
@@ -240,7 +206,7 @@ def test_secret_keys_stay_in_the_keys_qubes_which_have_no_network(chain: Chain) 
     signing_keys = {secret_keys(f"keys-{env}")[0] for env in ("fedora", "kernel")}
     for qube in ("build-fedora", "build-kernel"):
         assert secret_keys(qube) == []
-    assert chain.server.logs_key in secret_keys("build-logs")
+    assert chain.logs_key in secret_keys("build-logs")
     assert not signing_keys & set(secret_keys("build-logs"))
     for env in ("fedora", "kernel"):
         interfaces = in_qube(f"keys-{env}", "ls /sys/class/net").stdout.split()
@@ -266,16 +232,16 @@ def build(qube: str, component: str, **settings: str) -> subprocess.CompletedPro
     return in_qube(qube, f"{variables} {BUILDER}/scripts/auto-build {component}")
 
 
-def stored_lines(server: LogsServer, name: str) -> list[str]:
+def stored_lines(chain: Chain, name: str) -> list[str]:
     """The lines a build sent, as stored in the logs repository (without time and source)."""
-    text = server.git("show", f"master:{name}").stdout
+    text = chain.logs("show", f"master:{name}").stdout
     lines = [line.split(": ", 1)[1] for line in text.splitlines()]
     assert lines[0] == "> starting log" and lines[-1] == "> closing log", lines
     return lines[1:-1]
 
 
 def verify_signature(chain: Chain, keys_qube: str, data: str, signature: str) -> bool:
-    keyring = chain.server.directory / f"verify-{keys_qube}"
+    keyring = chain.world.directory / f"verify-{keys_qube}"
     keyring.mkdir(mode=0o700, exist_ok=True)
     environment = {"GNUPGHOME": str(keyring), "PATH": "/usr/bin:/bin"}
     public_key = (chain.public_keys / f"{keys_qube}.asc").read_text()
@@ -294,20 +260,20 @@ def verify_signature(chain: Chain, keys_qube: str, data: str, signature: str) ->
 
 def test_a_build_commits_its_whole_log_once_and_signs_with_its_key(chain: Chain) -> None:
     close_window("keys-fedora", "build-fedora")
-    before = chain.server.git("rev-parse", "master").stdout.strip()
+    before = chain.logs("rev-parse", "master").stdout.strip()
     built = build("build-fedora", "core-admin", BUILD_STEPS="5")
     assert built.returncode == 0, built.stdout + built.stderr
-    commits = chain.server.git("rev-list", f"{before}..master").stdout.split()
+    commits = chain.logs("rev-list", f"{before}..master").stdout.split()
     assert len(commits) == 1
     out = f"{BUILDER}/artifacts/core-admin"
     name = in_qube("build-fedora", f"cat {out}/log-name").stdout.strip()
     printed = in_qube("build-fedora", f"cat {out}/build.log").stdout.splitlines()
     assert len(printed) == 7 and printed[-1] == "built core-admin.tar"
-    assert stored_lines(chain.server, name) == printed
+    assert stored_lines(chain, name) == printed
     assert (
-        f"VALIDSIG {chain.server.logs_key}"
-        in chain.server.git("verify-commit", "--raw", commits[0]).stderr.replace("\n", " ")
-        or chain.server.logs_key in chain.server.git("verify-commit", "--raw", commits[0]).stderr
+        f"VALIDSIG {chain.logs_key}"
+        in chain.logs("verify-commit", "--raw", commits[0]).stderr.replace("\n", " ")
+        or chain.logs_key in chain.logs("verify-commit", "--raw", commits[0]).stderr
     )
     artifact = in_qube("build-fedora", f"cat {out}/core-admin.tar").stdout
     signature = in_qube("build-fedora", f"cat {out}/core-admin.tar.asc").stdout
@@ -325,7 +291,7 @@ def test_signing_after_the_window_is_refused(chain: Chain) -> None:
 
 
 def test_a_killed_build_leaves_every_line_it_sent(chain: Chain) -> None:
-    before = chain.server.git("rev-parse", "master").stdout.strip()
+    before = chain.logs("rev-parse", "master").stdout.strip()
     out = f"{BUILDER}/artifacts/killed"
     as_root("build-fedora", f"rm -rf {out}")
     in_qube(
@@ -343,13 +309,13 @@ def test_a_killed_build_leaves_every_line_it_sent(chain: Chain) -> None:
         raise AssertionError("the build printed nothing")
     as_root("build-fedora", "pkill -KILL -f 'auto-build killed'")
     deadline = time.monotonic() + 120
-    while chain.server.git("rev-parse", "master").stdout.strip() == before:
+    while chain.logs("rev-parse", "master").stdout.strip() == before:
         assert time.monotonic() < deadline, "the killed build's log never reached the repository"
         time.sleep(0.5)
     name = in_qube("build-fedora", f"cat {out}/log-name").stdout.strip()
     printed_lines = in_qube("build-fedora", f"cat {out}/build.log").stdout.splitlines()
     assert len(printed_lines) >= 5
-    assert stored_lines(chain.server, name) == printed_lines
+    assert stored_lines(chain, name) == printed_lines
     assert in_qube("build-fedora", f"test -e {out}/killed.tar.asc").returncode != 0
 
 
@@ -359,5 +325,5 @@ def test_the_logs_qube_restarted_between_builds_loses_nothing(chain: Chain) -> N
     run_tool("qvm-shutdown", "--wait", "build-logs")
     second = send_log("build-kernel", "after the restart\n")
     assert second.returncode == 0, second.stderr
-    assert stored_lines(chain.server, first.stdout.strip()) == ["before the restart"]
-    assert stored_lines(chain.server, second.stdout.strip()) == ["after the restart"]
+    assert stored_lines(chain, first.stdout.strip()) == ["before the restart"]
+    assert stored_lines(chain, second.stdout.strip()) == ["after the restart"]

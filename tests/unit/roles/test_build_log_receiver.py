@@ -168,7 +168,7 @@ def test_a_log_is_stored_committed_signed_pushed_and_announced(setup: Setup) -> 
         "> closing log",
     ]
     name = str(stored.relative_to(setup.clone))
-    assert setup.remote_log() == [f"build-a: {name}", "start"]
+    assert setup.remote_log() == [f"Build log {name}", "start"]
     verified = subprocess.run(
         ["git", "--git-dir", str(setup.remote), "verify-commit", "--raw", "master"],
         env=setup.environment,
@@ -294,7 +294,7 @@ def test_a_failed_push_keeps_the_log_announces_nothing_and_goes_with_the_next(
     subjects = setup.remote_log()
     assert len(subjects) == 3 and subjects[-1] == "start"
     assert {first.stdout.decode().strip(), second.stdout.decode().strip()} == {
-        subject.split(": ", 1)[1] for subject in subjects[:2]
+        subject.removeprefix("Build log ") for subject in subjects[:2]
     }
     assert setup.notified.read_text() == "build-a\n"
 

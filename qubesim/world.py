@@ -1,0 +1,247 @@
+"""The outside world the build infrastructure talks to, on this machine's loopback.
+
+In Qubes the logs qube pushes to GitHub over ssh and the build qubes clone qubes-builder and its
+release configurations from GitHub. Here, `qubesim world up` provides the same with real servers
+(qubes with a netvm share the host's network, so they reach 127.0.0.1):
+
+* the logs repository: a bare git repository behind a real sshd, written with a deploy key, its
+  history signed by a logs key made for this world;
+* read-only repositories behind `git daemon`: a stand-in for qubes-builder (its `auto-build`
+  streams a build's output to the logs qube and signs the artifact over split-GPG) and the
+  release configurations.
+
+Everything lives under $QUBESIM_HOME/world; `variables.json` there holds the collection's
+variables that point at it (`ansible-playbook -e @...`). Keys and repositories are made once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from qubesim.errors import QubesimError
+from qubesim.layout import Layout
+
+SSH_PORT = 10022
+GIT_PORT = 9418
+LOOPBACK = "127.0.0.1"
+LOGS_KEY_UID = "Build logs (qubesim world) <logs@qubesim.invalid>"
+TOOLS = ("/usr/sbin/sshd", "/usr/bin/ssh-keygen", "/usr/bin/git", "/usr/bin/gpg")
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "qubesim world",
+    "GIT_AUTHOR_EMAIL": "world@qubesim.invalid",
+    "GIT_COMMITTER_NAME": "qubesim world",
+    "GIT_COMMITTER_EMAIL": "world@qubesim.invalid",
+}
+
+
+@dataclass(frozen=True)
+class World:
+    layout: Layout
+
+    @property
+    def directory(self) -> Path:
+        return self.layout.home / "world"
+
+    @property
+    def gnupg(self) -> Path:
+        return self.directory / "gnupg"
+
+    @property
+    def logs_repository(self) -> Path:
+        return self.directory / "git" / "build-logs.git"
+
+    @property
+    def variables_file(self) -> Path:
+        return self.directory / "variables.json"
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.directory),
+            "GNUPGHOME": str(self.gnupg),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            **GIT_IDENTITY,
+        }
+
+    def run(self, *argv: str, cwd: Path | None = None) -> str:
+        result = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise QubesimError(f"world: {' '.join(argv[:3])} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def variables(self) -> dict[str, object]:
+        return json.loads(self.variables_file.read_text())
+
+
+# -- making the world (once) -----------------------------------------------------------------------
+def _logs_key(world: World) -> tuple[str, str, str]:
+    world.gnupg.mkdir(mode=0o700)
+    world.run("gpg", "--batch", "--passphrase", "", "--quick-gen-key", LOGS_KEY_UID, "ed25519",
+              "sign", "never")  # fmt: skip
+    listing = world.run("gpg", "--with-colons", "--list-secret-keys", LOGS_KEY_UID)
+    fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line[:4] == "fpr:")
+    public = world.run("gpg", "--armor", "--export", fingerprint)
+    secret = world.run("gpg", "--batch", "--armor", "--export-secret-keys", fingerprint)
+    return fingerprint, public, secret
+
+
+def _repository(
+    world: World, name: str, files: Path, branch: str = "master", signing_key: str | None = None
+) -> str:
+    """A bare repository `name` whose one commit on `branch` (signed with signing_key, if one is
+    given) holds `files`; returns the commit."""
+    work = world.directory / "work" / name
+    shutil.copytree(files, work, symlinks=True)
+    world.run("git", "init", "--quiet", f"--initial-branch={branch}", ".", cwd=work)
+    world.run("git", "add", "--all", cwd=work)
+    signing = ["-c", f"user.signingkey={signing_key}", "-c", "commit.gpgsign=true"]
+    world.run("git", *(signing if signing_key else []), "commit", "--quiet", "-m", name, cwd=work)
+    bare = world.directory / "git" / f"{name}.git"
+    world.run("git", "clone", "--quiet", "--bare", str(work), str(bare))
+    return world.run("git", "rev-parse", "HEAD", cwd=work).strip()
+
+
+def _release_configs(world: World) -> Path:
+    configs = world.directory / "files" / "release-configs"
+    (configs / "R4.2").mkdir(parents=True)
+    (configs / "R4.2" / "qubes-os-r4.2-host.conf").write_text("RELEASE := 4.2\n")
+    return configs
+
+
+def _builder_files() -> Path:
+    return Path(str(resources.files("qubesim") / "world_builder"))
+
+
+def _ssh_keys(world: World) -> None:
+    ssh = world.directory / "ssh"
+    ssh.mkdir(mode=0o700)
+    for name in ("host_key", "deploy_key"):
+        world.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / name))
+    (ssh / "authorized_keys").write_text((ssh / "deploy_key.pub").read_text())
+    (ssh / "sshd_config").write_text(
+        f"Port {SSH_PORT}\nListenAddress {LOOPBACK}\nHostKey {ssh}/host_key\n"
+        f"AuthorizedKeysFile {ssh}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
+        f"PidFile {world.directory}/sshd.pid\n"
+    )
+
+
+def make(world: World) -> None:
+    """Keys, the logs repository and the served repositories; the variables pointing at them."""
+    if world.variables_file.exists():
+        return
+    shutil.rmtree(world.directory, ignore_errors=True)
+    world.directory.mkdir(mode=0o755, parents=True)
+    (world.directory / "git").mkdir()
+    _ssh_keys(world)
+    fingerprint, public, secret = _logs_key(world)
+    logs = world.directory / "files" / "build-logs"
+    logs.mkdir(parents=True)
+    (logs / "README.md").write_text("Build logs of the qubesim world\n")
+    _repository(world, "build-logs", logs, signing_key=fingerprint)
+    builder_commit = _repository(world, "qubes-builder", _builder_files())
+    _repository(world, "release-configs", _release_configs(world), branch="main")
+    ssh = world.directory / "ssh"
+    host_key = " ".join((ssh / "host_key.pub").read_text().split()[:2])
+    variables = {
+        "build_logs_repo_url": f"ssh://root@{LOOPBACK}:{SSH_PORT}{world.logs_repository}",
+        "build_logs_key_fingerprint": fingerprint,
+        "build_logs_public_key": public,
+        "build_logs_secret_key": secret,
+        "build_logs_deploy_key": (ssh / "deploy_key").read_text(),
+        "build_logs_known_hosts": [f"[{LOOPBACK}]:{SSH_PORT} {host_key}"],
+        "build_vm_builder_repo_url": f"git://{LOOPBACK}:{GIT_PORT}/qubes-builder.git",
+        "build_vm_builder_commit": builder_commit,
+        "build_vm_required_keys": [],
+        "keys_vm_generate_key": True,
+    }
+    fd = os.open(world.variables_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(variables, out, indent=2)
+
+
+# -- its servers -----------------------------------------------------------------------------------
+def _pid(path: Path, program: str) -> int | None:
+    """The pid recorded in path if that process is still `program` (its kernel name)."""
+    try:
+        pid = int(path.read_text().split()[0])
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if name == program else None
+
+
+def _listening(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def start_sshd(world: World) -> None:
+    if _pid(world.directory / "sshd.pid", "sshd") is not None:
+        return
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
+    world.run("/usr/sbin/sshd", "-f", str(world.directory / "ssh" / "sshd_config"))
+    if not _listening(SSH_PORT, 30):
+        raise QubesimError(f"world: sshd does not listen on {LOOPBACK}:{SSH_PORT}")
+
+
+def start_git_daemon(world: World) -> None:
+    if _pid(world.directory / "git-daemon.pid", "git-daemon") is not None:
+        return
+    git = world.directory / "git"
+    world.run("git", "daemon", "--detach", "--reuseaddr", "--export-all", f"--base-path={git}",
+              f"--listen={LOOPBACK}", f"--port={GIT_PORT}",
+              f"--pid-file={world.directory}/git-daemon.pid", str(git))  # fmt: skip
+    if not _listening(GIT_PORT, 30):
+        raise QubesimError(f"world: git daemon does not listen on {LOOPBACK}:{GIT_PORT}")
+
+
+def _stop(path: Path, program: str) -> None:
+    pid = _pid(path, program)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _pid(path, program) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    path.unlink(missing_ok=True)
+
+
+def stop_sshd(world: World) -> None:
+    _stop(world.directory / "sshd.pid", "sshd")
+
+
+def up(world: World) -> None:
+    missing = [tool for tool in TOOLS if not os.access(tool, os.X_OK)]
+    if missing:
+        raise QubesimError(f"world: this machine lacks {', '.join(missing)}")
+    make(world)
+    start_sshd(world)
+    start_git_daemon(world)
+
+
+def down(world: World) -> None:
+    stop_sshd(world)
+    _stop(world.directory / "git-daemon.pid", "git-daemon")
