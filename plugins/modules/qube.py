@@ -35,7 +35,9 @@ options:
     default: AppVM
     aliases: [class]
   template:
-    description: The template (AppVMs).
+    description:
+      - The template of an AppVM, or the disposable template of a DispVM.
+      - For a StandaloneVM, the template it is copied from when it is created.
     type: str
   label:
     description: The label; required to create a qube.
@@ -161,9 +163,16 @@ def _reference(prop: str, value: str) -> str:
     return value
 
 
+# The classes with a template property; a StandaloneVM's template is only what it is copied from.
+TEMPLATE_BASED = ("AppVM", "DispVM")
+
+
 def _desired_prefs(params: dict[str, object]) -> dict[str, str]:
     desired = {key: _stringify(value) for key, value in params["properties"].items()}
-    for key in ("template", "label", "netvm"):
+    keys = (
+        ("template", "label", "netvm") if params["klass"] in TEMPLATE_BASED else ("label", "netvm")
+    )
+    for key in keys:
         if params[key] is not None:
             desired[key] = str(params[key])
     return {key: _reference(key, value) for key, value in desired.items()}
