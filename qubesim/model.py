@@ -77,7 +77,7 @@ class State:
 
     def is_default(self, name: str, prop: str) -> bool:
         spec = self._spec(name, prop)
-        return spec.writable and prop not in self.qube(name)["properties"]
+        return not spec.always_set and prop not in self.qube(name)["properties"]
 
     def get_property(self, name: str, prop: str) -> Any:
         spec = self._spec(name, prop)

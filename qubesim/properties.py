@@ -48,6 +48,8 @@ class Property:
     writable: bool = True
     classes: frozenset[str] | None = None  # None: every qube and dom0
     check: Check | None = None
+    # Set for every qube at creation (name, qid, uuid): qvm-prefs never lists them as default.
+    always_set: bool = False
 
 
 # -- defaults -------------------------------------------------------------------------------------
@@ -208,10 +210,14 @@ _QUBES = VM_CLASSES
 PROPERTIES: dict[str, Property] = {
     prop.name: prop
     for prop in (
-        Property("name", "str", lambda _s, name: name, writable=False),
+        Property("name", "str", lambda _s, name: name, writable=False, always_set=True),
         Property("klass", "str", lambda s, name: s.qube(name)["klass"], writable=False),
-        Property("uuid", "str", lambda s, name: s.qube(name)["uuid"], writable=False),
-        Property("qid", "int", lambda s, name: s.qube(name)["qid"], writable=False),
+        Property(
+            "uuid", "str", lambda s, name: s.qube(name)["uuid"], writable=False, always_set=True
+        ),
+        Property(
+            "qid", "int", lambda s, name: s.qube(name)["qid"], writable=False, always_set=True
+        ),
         Property("label", "label", _none),
         Property("template", "vm", _none, classes=TEMPLATE_BASED, check=_template),
         Property("netvm", "vm", _default_netvm, classes=_QUBES, check=_netvm),

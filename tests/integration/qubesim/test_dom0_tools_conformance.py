@@ -40,6 +40,9 @@ def test_qvm_prefs_prints_an_empty_reference_as_none_and_its_get_as_nothing(
     }
     assert listing["netvm"] == ["-", "None"]
     assert listing["default_dispvm"] == ["D", "None"]
+    # qubes/__init__.py stateless_property: klass is computed, never set, so listed as default
+    assert listing["klass"] == ["D", "AppVM"]
+    assert listing["name"] == ["-", appvm]
     assert qvm("qvm-prefs", appvm, "netvm").stdout == ""
     assert qvm("qvm-prefs", appvm, "default_dispvm").stdout == ""
     qvm("qvm-prefs", appvm, "netvm", "None")  # qvm-prefs reads "none" as the empty reference

@@ -26,6 +26,8 @@ def test_defaults_follow_qubes(state: State) -> None:
     assert state.get_property("work", "template") == "debian-12"
     assert state.get_property("work", "netvm") == "sys-firewall"
     assert state.is_default("work", "netvm")
+    assert state.is_default("work", "klass")  # computed, as upstream's stateless properties
+    assert not state.is_default("work", "name")
     assert state.get_property("debian-12", "netvm") is None  # templates have no network
     assert state.get_property("sys-firewall", "netvm") == "sys-net"
     assert not state.has_property("dom0", "netvm")
