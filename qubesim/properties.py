@@ -205,8 +205,6 @@ def _disposable_template(prop: str) -> Check:
     return check
 
 
-_QUBES = VM_CLASSES
-
 PROPERTIES: dict[str, Property] = {
     prop.name: prop
     for prop in (
@@ -220,84 +218,88 @@ PROPERTIES: dict[str, Property] = {
         ),
         Property("label", "label", _none),
         Property("template", "vm", _none, classes=TEMPLATE_BASED, check=_template),
-        Property("netvm", "vm", _default_netvm, classes=_QUBES, check=_netvm),
+        Property("netvm", "vm", _default_netvm, classes=VM_CLASSES, check=_netvm),
         Property(
-            "provides_network", "bool", _constant(False), classes=_QUBES, check=_provides_network
+            "provides_network",
+            "bool",
+            _constant(False),
+            classes=VM_CLASSES,
+            check=_provides_network,
         ),
-        Property("ip", "str", _default_ip, classes=_QUBES),
-        Property("mac", "str", _constant("00:16:3e:5e:6c:00"), classes=_QUBES, check=_mac),
+        Property("ip", "str", _default_ip, classes=VM_CLASSES),
+        Property("mac", "str", _constant("00:16:3e:5e:6c:00"), classes=VM_CLASSES, check=_mac),
         Property(
             "memory",
             "int",
             _with_template("memory", _constant(400)),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_positive("memory"),
         ),
         Property(
             "maxmem",
             "int",
             _with_template("maxmem", _constant(4000)),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_not_negative("maxmem"),
         ),
         Property(
             "vcpus",
             "int",
             _with_template("vcpus", _constant(2)),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_positive("vcpus"),
         ),
         Property(
             "virt_mode",
             "str",
             _with_template("virt_mode", _constant("pvh")),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_virt_mode,
         ),
         Property(
             "kernel",
             "str",
             _with_template("kernel", _global("default_kernel")),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_kernel,
         ),
         Property(
             "kernelopts",
             "str",
             _with_template("kernelopts", _constant("")),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_kernelopts,
         ),
-        Property("debug", "bool", _constant(False), classes=_QUBES),
-        Property("autostart", "bool", _constant(False), classes=_QUBES),
-        Property("include_in_backups", "bool", _constant(True), classes=_QUBES),
-        Property("installed_by_rpm", "bool", _constant(False), classes=_QUBES),
+        Property("debug", "bool", _constant(False), classes=VM_CLASSES),
+        Property("autostart", "bool", _constant(False), classes=VM_CLASSES),
+        Property("include_in_backups", "bool", _constant(True), classes=VM_CLASSES),
+        Property("installed_by_rpm", "bool", _constant(False), classes=VM_CLASSES),
         Property(
             "updateable",
             "bool",
             lambda s, name: s.qube(name)["klass"] in OWN_ROOT,
             writable=False,
-            classes=_QUBES,
+            classes=VM_CLASSES,
         ),
         Property(
             "default_user",
             "str",
             _with_template("default_user", _constant("user")),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_default_user,
         ),
         Property(
             "qrexec_timeout",
             "int",
             _with_template("qrexec_timeout", _constant(60)),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_positive("qrexec_timeout"),
         ),
         Property(
             "shutdown_timeout",
             "int",
             _with_template("shutdown_timeout", _constant(60)),
-            classes=_QUBES,
+            classes=VM_CLASSES,
             check=_positive("shutdown_timeout"),
         ),
         Property(
@@ -318,8 +320,8 @@ PROPERTIES: dict[str, Property] = {
             _constant(False),
             classes=frozenset({"AppVM", "StandaloneVM"}),
         ),
-        Property("guivm", "vm", _global("default_guivm"), classes=_QUBES),
-        Property("audiovm", "vm", _global("default_audiovm"), classes=_QUBES),
+        Property("guivm", "vm", _global("default_guivm"), classes=VM_CLASSES),
+        Property("audiovm", "vm", _global("default_audiovm"), classes=VM_CLASSES),
     )
 }
 
