@@ -63,8 +63,8 @@ class BootSpec:
     services: list[str]
 
     @property
-    def is_template(self) -> bool:
-        return self.klass == "TemplateVM"
+    def owns_root(self) -> bool:
+        return self.klass in ("TemplateVM", "StandaloneVM")
 
 
 def dropped_capabilities(isolated_network: bool) -> dict[str, int]:
@@ -77,7 +77,7 @@ def dropped_capabilities(isolated_network: bool) -> dict[str, int]:
 def _mount_root(spec: BootSpec) -> Path:
     root = Path(spec.mountpoint)
     root.mkdir(parents=True, exist_ok=True)
-    if spec.is_template:
+    if spec.owns_root:
         linux.mount(spec.template_root, str(root), None, linux.MS_BIND)
     else:
         upper, work = Path(spec.volatile, "upper"), Path(spec.volatile, "work")
@@ -99,7 +99,7 @@ def _populate_private(spec: BootSpec) -> None:
         for path in [home, *home.rglob("*")]:
             os.lchown(path, USER_ID, USER_ID)
     usrlocal = private / "usrlocal"
-    if not spec.is_template and not usrlocal.exists():
+    if not spec.owns_root and not usrlocal.exists():
         shutil.copytree(Path(spec.template_root, "usr/local"), usrlocal, symlinks=True)
 
 
@@ -112,7 +112,7 @@ def _mount_private(spec: BootSpec, root: Path) -> None:
     private = Path(spec.private)
     _bind(private, root / "rw")
     _bind(private / "home", root / "home")
-    if not spec.is_template:
+    if not spec.owns_root:
         _bind(private / "usrlocal", root / "usr/local")
 
 

@@ -12,104 +12,44 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from qubesim.errors import NoSuchQube, QubesimError, UsageError
 from qubesim.layout import Layout
 from qubesim.names import LABELS, validate_label
+from qubesim.properties import (
+    ADMIN_VM,
+    GLOBAL_DEFAULTS,
+    PROPERTIES,
+    VM_CLASSES,
+    Property,
+    RefusedValue,
+)
 
-ADMIN_VM = "dom0"
-QUBE_CLASSES = ("AppVM", "TemplateVM")
 GiB = 1024**3
 
 _DEFAULT_VOLUMES = {"root": 20 * GiB, "private": 2 * GiB, "volatile": 10 * GiB, "kernel": 0}
-
-
-@dataclass(frozen=True)
-class Property:
-    """One qvm-prefs property: its type, its default, and whether qvm-prefs may set it."""
-
-    name: str
-    kind: str  # str | int | bool | label | vm
-    default: Callable[[State, str], Any]
-    writable: bool = True
-    required_class: str | None = None  # "AppVM" for template: only AppVMs have one
-    vm_only: bool = False  # a property of qubes, which dom0 (the AdminVM) does not have
-    vm_check: Callable[[State, str], str | None] | None = None  # message when a qube is unfit
-
-
-def _no_default(_state: State, _name: str) -> None:
-    return None
-
-
-def _default_netvm(state: State, name: str) -> str | None:
-    record = state.qubes[name]
-    if record["klass"] == "TemplateVM" or state.get_property(name, "provides_network"):
-        return None
-    default = state.defaults.get("default_netvm")
-    return default if default != name else None
-
-
-def _must_provide_network(state: State, name: str) -> str | None:
-    if not state.get_property(name, "provides_network"):
-        return f"VM {name!r} does not provide network"
-    return None
-
-
-def _must_be_template(state: State, name: str) -> str | None:
-    if state.qubes[name]["klass"] != "TemplateVM":
-        return f"VM {name!r} is not a TemplateVM"
-    return None
-
-
-def _must_be_dispvm_template(state: State, name: str) -> str | None:
-    if not state.get_property(name, "template_for_dispvms"):
-        return f"VM {name!r} is not a disposable template (template_for_dispvms is False)"
-    return None
-
-
-def _constant(value: Any) -> Callable[[State, str], Any]:
-    return lambda _state, _name: value
-
-
-PROPERTIES: dict[str, Property] = {
-    prop.name: prop
-    for prop in (
-        Property("name", "str", lambda _s, name: name, writable=False),
-        Property("klass", "str", lambda s, name: s.qubes[name]["klass"], writable=False),
-        Property("uuid", "str", lambda s, name: s.qubes[name]["uuid"], writable=False),
-        Property("qid", "int", lambda s, name: s.qubes[name]["qid"], writable=False),
-        Property("label", "label", _no_default),
-        Property("template", "vm", _no_default, required_class="AppVM", vm_check=_must_be_template),
-        Property("netvm", "vm", _default_netvm, vm_only=True, vm_check=_must_provide_network),
-        Property("provides_network", "bool", _constant(False), vm_only=True),
-        Property("memory", "int", _constant(400), vm_only=True),
-        Property("maxmem", "int", _constant(4000), vm_only=True),
-        Property("vcpus", "int", _constant(2), vm_only=True),
-        Property(
-            "default_dispvm",
-            "vm",
-            lambda s, _name: s.defaults.get("default_dispvm"),
-            vm_check=_must_be_dispvm_template,
-        ),
-        Property("template_for_dispvms", "bool", _constant(False), vm_only=True),
-        Property("default_user", "str", _constant("user"), vm_only=True),
-        Property("qrexec_timeout", "int", _constant(60), vm_only=True),
-    )
-}
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off", ""})
+# qubes/__init__.py property.bool: the words a boolean property takes, in any case
+_TRUE = frozenset({"1", "yes", "true", "on"})
+_FALSE = frozenset({"0", "no", "false", "off"})
+# qubes/app.py: the qube references that name a qube whose lifetime they hold
+REFERENCES = ("template", "netvm", "default_dispvm", "management_dispvm", "guivm", "audiovm")
 
 
 class State:
-    """The database content, with the rules that keep it consistent."""
+    """The database content, with the rules that keep it consistent.
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    `is_running` tells which qubes run: qubesd's rules depend on it (no template change while a
+    qube runs, no running qube onto a halted netvm). Without a runtime, nothing runs.
+    """
+
+    def __init__(
+        self, data: dict[str, Any], is_running: Callable[[str], bool] | None = None
+    ) -> None:
         self.qubes: dict[str, dict[str, Any]] = data.setdefault("qubes", {})
         self.defaults: dict[str, Any] = data.setdefault("defaults", {})
         self.data = data
+        self.is_running: Callable[[str], bool] = is_running or (lambda _name: False)
 
     # -- lookup -----------------------------------------------------------------------------------
     def qube(self, name: str) -> dict[str, Any]:
@@ -121,14 +61,14 @@ class State:
     def names(self) -> list[str]:
         return sorted(self.qubes)
 
+    def global_default(self, key: str) -> Any:
+        return self.defaults.get(key, GLOBAL_DEFAULTS.get(key))
+
     def has_property(self, name: str, prop: str) -> bool:
         spec = PROPERTIES.get(prop)
         if spec is None:
             return False
-        klass = self.qube(name)["klass"]
-        if spec.vm_only and klass == "AdminVM":
-            return False
-        return spec.required_class in (None, klass)
+        return spec.classes is None or self.qube(name)["klass"] in spec.classes
 
     def _spec(self, name: str, prop: str) -> Property:
         if not self.has_property(name, prop):
@@ -137,7 +77,7 @@ class State:
 
     def is_default(self, name: str, prop: str) -> bool:
         spec = self._spec(name, prop)
-        return spec.writable and prop not in self.qube(name)["properties"]
+        return not spec.always_set and prop not in self.qube(name)["properties"]
 
     def get_property(self, name: str, prop: str) -> Any:
         spec = self._spec(name, prop)
@@ -146,18 +86,52 @@ class State:
             return explicit[prop]
         return spec.default(self, name)
 
+    def _flag(self, name: str, prop: str) -> bool:
+        return self.has_property(name, prop) and bool(self.get_property(name, prop))
+
+    def provides_network(self, name: str) -> bool:
+        return self._flag(name, "provides_network")
+
+    def is_disposable_template(self, name: str) -> bool:
+        return self._flag(name, "template_for_dispvms")
+
+    def is_networked(self, name: str) -> bool:
+        """qubes/vm/mix/net.py is_networked: it gives network, or it has a netvm."""
+        return self.provides_network(name) or self.get_property(name, "netvm") is not None
+
     def network_isolated(self, name: str) -> bool:
         """No netvm and no network of its own (sys-net has one): the qube sees only loopback."""
-        return self.get_property(name, "netvm") is None and not self.get_property(
-            name, "provides_network"
-        )
+        return not self.is_networked(name)
+
+    def clients(self, netvm: str) -> list[str]:
+        """The qubes whose netvm is `netvm` (running or not)."""
+        return [
+            name
+            for name in self.names()
+            if self.has_property(name, "netvm") and self.get_property(name, "netvm") == netvm
+        ]
+
+    def connected_to(self, netvm: str) -> set[str]:
+        """Every qube that reaches the network through `netvm`, directly or not."""
+        found: set[str] = set()
+        pending = [netvm]
+        while pending:
+            for client in self.clients(pending.pop()):
+                if client not in found:
+                    found.add(client)
+                    pending.append(client)
+        return found
 
     # -- changes ----------------------------------------------------------------------------------
     def set_property(self, name: str, prop: str, text: str) -> None:
+        """Set a property as qubesd does: a refused value raises, and the old one stays."""
         spec = self._spec(name, prop)
         if not spec.writable:
             raise QubesimError(f"property {prop!r} is read-only")
-        self.qube(name)["properties"][prop] = self._parse(name, spec, text)
+        value = self._parse(name, spec, text)
+        if spec.check is not None:
+            value = spec.check(self, name, value)
+        self.qube(name)["properties"][prop] = value
 
     def reset_property(self, name: str, prop: str) -> None:
         spec = self._spec(name, prop)
@@ -171,44 +145,39 @@ class State:
         if spec.kind == "bool":
             lowered = text.strip().lower()
             if lowered not in _TRUE | _FALSE:
-                raise QubesimError(
-                    f"invalid value for {spec.name}: {text!r} (expected True or False)"
-                )
+                raise RefusedValue(f"Invalid literal for boolean property: {text!r}")
             return lowered in _TRUE
         if spec.kind == "int":
             try:
-                number = int(text)
+                return int(text)
             except ValueError:
                 message = f"invalid value for {spec.name}: {text!r} (expected an integer)"
                 raise QubesimError(message) from None
-            if number < 0:
-                raise QubesimError(f"invalid value for {spec.name}: {text!r} (must be >= 0)")
-            return number
         if spec.kind == "label":
-            return validate_label(text)
+            if text not in LABELS:
+                raise RefusedValue(f"Label does not exist: {text}")
+            return text
         if spec.kind == "vm":
-            return self._parse_vm(name, spec, text)
+            return self._parse_vm(spec, text)
         return text
 
-    def _parse_vm(self, name: str, spec: Property, text: str) -> str | None:
+    def _parse_vm(self, spec: Property, text: str) -> str | None:
+        """qubes/vm/__init__.py VMProperty.__set__; "none" is qvm-prefs' word for empty."""
         if text in ("", "none", "None"):
-            if spec.name == "template":
-                raise QubesimError("property 'template' cannot be empty")
             return None
-        if text not in self.qubes or text == ADMIN_VM:
-            raise QubesimError(f"invalid value for {spec.name}: no such domain: {text!r}")
-        if text == name:
-            raise QubesimError(f"invalid value for {spec.name}: a VM cannot refer to itself")
-        problem = spec.vm_check(self, text) if spec.vm_check else None
-        if problem:
-            raise QubesimError(f"invalid value for {spec.name}: {problem}")
+        if text not in self.qubes:
+            raise RefusedValue(f"Can't set {spec.name} to non-existing qube {text}")
+        if text == ADMIN_VM and spec.name not in ("guivm", "audiovm"):
+            raise RefusedValue(
+                f"wrong VM class: domains[{text!r}] is of type AdminVM and not QubesVM"
+            )
         return text
 
     def add_qube(self, name: str, klass: str, label: str, template: str | None) -> dict[str, Any]:
         if name in self.qubes:
             raise QubesimError(f"VM {name!r} already exists")
-        if klass not in QUBE_CLASSES:
-            raise UsageError(f"unsupported class: {klass!r} (one of {', '.join(QUBE_CLASSES)})")
+        if klass not in VM_CLASSES:
+            raise UsageError(f"no such domain class: {klass!r}")
         validate_label(label)
         qids = [record["qid"] for record in self.qubes.values()]
         record: dict[str, Any] = {
@@ -221,26 +190,34 @@ class State:
             "volumes": dict(_DEFAULT_VOLUMES),
         }
         self.qubes[name] = record
-        if klass == "AppVM":
+        if klass in ("AppVM", "DispVM"):
             try:
-                self.set_property(name, "template", template or self.defaults["default_template"])
-            except (QubesimError, KeyError):
+                self.set_property(name, "template", template or self._default_template(klass))
+            except QubesimError:
                 del self.qubes[name]
                 raise
         return record
 
+    def _default_template(self, klass: str) -> str:
+        key = "default_dispvm" if klass == "DispVM" else "default_template"
+        default = self.global_default(key)
+        if not default:
+            raise RefusedValue(f"{klass} needs a template, and {key} is not set")
+        return default
+
     def dependents(self, name: str) -> list[str]:
-        """Qubes whose properties name `name` (it cannot be removed while they do)."""
-        users = []
+        """Where `name` is referred to (it cannot be removed while it is), as (holder, property):
+        the holder is None for a global property."""
+        users: list[tuple[str | None, str]] = []
         for other in self.names():
-            for prop in ("template", "netvm", "default_dispvm"):
+            for prop in REFERENCES:
                 if (
                     other != name
                     and self.has_property(other, prop)
                     and self.get_property(other, prop) == name
                 ):
-                    users.append(f"{other} ({prop})")
-        users.extend(f"global {key}" for key, value in self.defaults.items() if value == name)
+                    users.append((other, prop))
+        users.extend((None, key) for key, value in self.defaults.items() if value == name)
         return users
 
 
@@ -256,7 +233,7 @@ def initial_state() -> dict[str, Any]:
     }
     return {
         "qubes": {ADMIN_VM: dom0},
-        "defaults": {"default_netvm": None, "default_template": None, "default_dispvm": None},
+        "defaults": dict(GLOBAL_DEFAULTS),
     }
 
 
@@ -277,15 +254,15 @@ class Database:
             fcntl.flock(lock, mode)
             yield
 
-    def read(self) -> State:
+    def read(self, is_running: Callable[[str], bool] | None = None) -> State:
         with self._locked(fcntl.LOCK_SH):
-            return State(json.loads(self.layout.database.read_text()))
+            return State(json.loads(self.layout.database.read_text()), is_running)
 
     @contextmanager
-    def transaction(self) -> Iterator[State]:
+    def transaction(self, is_running: Callable[[str], bool] | None = None) -> Iterator[State]:
         """Yield the state for changes; it is written back only if the block succeeds."""
         with self._locked(fcntl.LOCK_EX):
-            state = State(json.loads(self.layout.database.read_text()))
+            state = State(json.loads(self.layout.database.read_text()), is_running)
             yield state
             self._write(state.data)
 
@@ -300,11 +277,4 @@ class Database:
         os.replace(temporary, self.layout.database)
 
 
-def format_value(value: Any) -> str:
-    """How qvm tools print a property value: None as an empty string, booleans as True/False."""
-    if value is None:
-        return ""
-    return str(value)
-
-
-__all__ = ["ADMIN_VM", "LABELS", "PROPERTIES", "Database", "State", "format_value"]
+__all__ = ["ADMIN_VM", "LABELS", "PROPERTIES", "Database", "State"]

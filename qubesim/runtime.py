@@ -17,9 +17,20 @@ from qubesim.errors import QubesimError
 from qubesim.guest_init import BootSpec, dropped_capabilities
 from qubesim.layout import Layout
 from qubesim.model import ADMIN_VM, Database, State
+from qubesim.properties import OWN_ROOT
 
 START_TIMEOUT_SECONDS = 60
+# What of a qube outlives a shutdown, as qubesdb's /qubes-vm-persistence tells the qube.
+_PERSISTENCE = {"TemplateVM": "full", "StandaloneVM": "full", "AppVM": "rw-only", "DispVM": "none"}
 QREXEC_EXEC = "/usr/lib/qubes/qubesim-exec"
+
+
+class QubeInUse(QubesimError):
+    """qubesd's QubesVMInUseError: other running qubes depend on this one."""
+
+
+class ShutdownTimeout(QubesimError):
+    """qubesd's QubesVMShutdownTimeoutError."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +90,7 @@ class Runtime:
 
     def _boot_spec(self, state: State, name: str) -> BootSpec:
         record = state.qube(name)
-        template_name = (
-            name if record["klass"] == "TemplateVM" else state.get_property(name, "template")
-        )
-        template_root = template.mount(self.layout, template_name)
+        template_root = template.mount(self.layout, root_owner(state, name))
         services = {
             key.removeprefix("service."): value
             for key, value in record["features"].items()
@@ -91,8 +99,8 @@ class Runtime:
         qubesdb = {
             "/name": name,
             "/qubes-vm-type": record["klass"],
-            "/qubes-vm-persistence": "full" if record["klass"] == "TemplateVM" else "rw-only",
-            "/qubes-vm-updateable": str(record["klass"] == "TemplateVM"),
+            "/qubes-vm-persistence": _PERSISTENCE[record["klass"]],
+            "/qubes-vm-updateable": str(state.get_property(name, "updateable")),
             "/default-user": state.get_property(name, "default_user"),
             **{
                 f"/qubes-service/{service}": "1" if value else "0"
@@ -121,10 +129,17 @@ class Runtime:
         return running
 
     # -- stop -------------------------------------------------------------------------------------
-    def shutdown(self, name: str, *, wait: bool, timeout: float) -> None:
+    def shutdown(self, name: str, *, wait: bool, timeout: float, force: bool = False) -> None:
+        """Ask a qube to shut down; refused for a netvm whose clients run, unless forced
+        (qubes/vm/mix/net.py on_domain_pre_shutdown)."""
         running = self.running(name)
         if running is None:
             return
+        if not force:
+            state = self.database.read()
+            clients = [client for client in state.clients(name) if self.is_running(client)]
+            if state.provides_network(name) and clients:
+                raise QubeInUse(f"There are other VMs connected to this VM: {', '.join(clients)}")
         _signal(running.pid, signal.SIGTERM)
         if wait:
             self.wait_halted(name, timeout)
@@ -140,7 +155,7 @@ class Runtime:
         deadline = time.monotonic() + timeout
         while self.layout.runtime_record(name).exists() and self.running(name) is not None:
             if time.monotonic() > deadline:
-                raise QubesimError(f"{name}: shutdown timed out after {timeout:g} seconds")
+                raise ShutdownTimeout(f"Domain shutdown timed out: {name!r}")
             time.sleep(0.05)
 
     # -- enter ------------------------------------------------------------------------------------
@@ -169,6 +184,14 @@ class Runtime:
             "",
             service,
         ]
+
+
+def root_owner(state: State, name: str) -> str:
+    """The qube whose root volume `name` runs on: its own, its template's, or (a disposable)
+    its template's template."""
+    while state.qube(name)["klass"] not in OWN_ROOT:
+        name = state.get_property(name, "template")
+    return name
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -10,6 +10,10 @@ description:
   - Makes a qube be as described, through dom0's qvm tools (on a real dom0 or in qubesim).
   - Only what is given is managed; everything else of the qube is left as it is.
   - The private volume only grows; a smaller O(volume_size) is an error, and nothing is changed.
+  - Qubes refuses some changes while a qube runs. With O(state=halted) the qube is shut down
+    before its properties change. Otherwise, changing the O(template) of a running qube, or
+    giving a running qube a halted O(netvm), fails before anything is changed, with a message
+    that names the qube and the rule.
 author:
   - qubes_infra.build maintainers (!UNKNOWN)
 options:
@@ -31,7 +35,9 @@ options:
     default: AppVM
     aliases: [class]
   template:
-    description: The template (AppVMs).
+    description:
+      - The template of an AppVM, or the disposable template of a DispVM.
+      - For a StandaloneVM, the template it is copied from when it is created.
     type: str
   label:
     description: The label; required to create a qube.
@@ -39,7 +45,8 @@ options:
     choices: [red, orange, yellow, green, gray, blue, purple, black]
   netvm:
     description:
-      - The qube that gives it network; an empty string means none. Unset leaves it alone.
+      - The qube that gives it network; an empty string (or V(None), as C(qvm-prefs) prints it)
+        means none. Unset leaves it alone.
     type: str
   properties:
     description: Other properties (qvm-prefs names) and their values.
@@ -123,11 +130,14 @@ class Qvm:
         return self.run("qvm-check", "--running", "--quiet", name, check=False)[0] == 0
 
     def prefs(self, name: str) -> dict[str, str]:
+        """The qube's properties as qvm-prefs lists them (`NAME  D|-  VALUE`), an empty qube
+        reference (printed `None`) read as ""."""
         values = {}
         for line in self.run("qvm-prefs", name)[1].splitlines():
             fields = line.split(None, 2)
             if len(fields) >= 2:
-                values[fields[0]] = fields[2] if len(fields) == 3 else ""
+                value = fields[2].strip() if len(fields) == 3 else ""
+                values[fields[0]] = _reference(fields[0], value)
         return values
 
     def listing(self, *argv: str) -> dict[str, str]:
@@ -139,12 +149,33 @@ class Qvm:
         return result
 
 
+# The properties that name a qube; qvm-prefs prints an empty one as `None` and reads "" or
+# "none" as empty (qubesadmin/tools/qvm_prefs.py).
+REFERENCES = frozenset(
+    {"template", "netvm", "default_dispvm", "management_dispvm", "guivm", "audiovm"}
+)
+
+
+def _reference(prop: str, value: str) -> str:
+    """An empty qube reference as "", however it is spelled."""
+    if prop in REFERENCES and value.lower() == "none":
+        return ""
+    return value
+
+
+# The classes with a template property; a StandaloneVM's template is only what it is copied from.
+TEMPLATE_BASED = ("AppVM", "DispVM")
+
+
 def _desired_prefs(params: dict[str, object]) -> dict[str, str]:
     desired = {key: _stringify(value) for key, value in params["properties"].items()}
-    for key in ("template", "label", "netvm"):
+    keys = (
+        ("template", "label", "netvm") if params["klass"] in TEMPLATE_BASED else ("label", "netvm")
+    )
+    for key in keys:
         if params[key] is not None:
             desired[key] = str(params[key])
-    return desired
+    return {key: _reference(key, value) for key, value in desired.items()}
 
 
 def _stringify(value: object) -> str:
@@ -179,12 +210,33 @@ class QubeState:
             argv += ["--template", self.params["template"]]
         self.change(*argv, self.name)
 
-    def _properties(self, current: dict[str, str]) -> None:
-        for key, value in _desired_prefs(self.params).items():
-            if current.get(key) != value:
-                self.before[key] = current.get(key)
-                self.after[key] = value
-                self.change("qvm-prefs", self.name, key, value)
+    def _properties(self, current: dict[str, str], running: bool) -> None:
+        changes = {
+            key: value
+            for key, value in _desired_prefs(self.params).items()
+            if current.get(key) != value
+        }
+        if running:
+            self._refuse_what_qubesd_refuses(changes)
+        for key, value in changes.items():
+            self.before[key] = current.get(key)
+            self.after[key] = value
+            self.change("qvm-prefs", self.name, key, value)
+
+    def _refuse_what_qubesd_refuses(self, changes: dict[str, str]) -> None:
+        """Fail before any change, naming the qube and the rule, where qubesd would refuse a
+        change because the qube runs (qubes/vm/appvm.py, qubes/vm/mix/net.py)."""
+        if "template" in changes:
+            self.module.fail_json(
+                msg=f"qube {self.name!r} is running: Qubes cannot change the template of a"
+                " running qube; shut it down first (state: halted does so before the change)"
+            )
+        netvm = changes.get("netvm")
+        if netvm and not (self.qvm.exists(netvm) and self.qvm.running(netvm)):
+            self.module.fail_json(
+                msg=f"qube {self.name!r} is running and its new netvm {netvm!r} is not: Qubes"
+                f" cannot attach a running qube to a halted netvm; start {netvm!r} first"
+            )
 
     def _volume(self) -> None:
         wanted_text = self.params["volume_size"]
@@ -260,13 +312,19 @@ class QubeState:
             self._create()
         elif self.params["klass"] != self.qvm.prefs(self.name).get("klass"):
             self.module.fail_json(msg=f"qube {self.name!r} exists with another class")
+        # A qube to be halted is halted first: then changes Qubes refuses on a running qube
+        # (its template, a halted netvm) are made.
+        if self.params["state"] == "halted":
+            self._power()
+        running = exists and self.params["state"] != "halted" and self.qvm.running(self.name)
         current = self.qvm.prefs(self.name) if self.qvm.exists(self.name) else {}
-        self._properties(current)
+        self._properties(current, running)
         self._volume()
         self._tags()
         self._features()
         self._services()
-        self._power()
+        if self.params["state"] == "running":
+            self._power()
 
     def ensure_absent(self) -> None:
         if not self.qvm.exists(self.name):

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 from qubesim import dom0
 from qubesim.errors import QubesimError, UsageError
@@ -23,11 +25,15 @@ class Context:
         self.runtime = Runtime(layout)
 
     def state(self) -> State:
-        return self.database.read()
+        return self.database.read(self.runtime.is_running)
+
+    def transaction(self) -> AbstractContextManager[State]:
+        """A change of the database, under qubesd's rules (which depend on what runs)."""
+        return self.database.transaction(self.runtime.is_running)
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    result = argparse.ArgumentParser(prog=prog, description=description)
+def parser(prog: str, description: str, **options: Any) -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(prog=prog, description=description, **options)
     result.add_argument("--verbose", "-v", action="count", default=0, help="increase verbosity")
     result.add_argument("--quiet", "-q", action="count", default=0, help="decrease verbosity")
     return result
@@ -54,3 +60,23 @@ def run(
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+def print_error(message: str) -> None:
+    """qubesadmin's parser.print_error: a line on stderr, after "Error:"."""
+    print("Error:", message, file=sys.stderr, flush=True)
+
+
+def log(logger: str, message: str) -> None:
+    """A message logged by qubesadmin (qubesadmin/log.py FORMAT_CONSOLE): on stderr."""
+    print(f"{logger}: {message}", file=sys.stderr, flush=True)
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """qubesadmin.tools.print_table (`column -t`): columns two spaces apart."""
+    if not rows:
+        return
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        print("  ".join(cells).rstrip())

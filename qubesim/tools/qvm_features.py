@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qubesim.errors import QubesimError, UsageError
+from qubesim.errors import UsageError
 from qubesim.tools.common import Context, parser, run
 
 
@@ -28,7 +28,7 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
     if arguments.value is None:
         features = context.state().qube(name)["features"]
         if arguments.feature not in features:
-            raise QubesimError(f"feature {arguments.feature!r} is not set")
+            return 1  # silently, as upstream (qubesadmin/tools/qvm_features.py main)
         print(features[arguments.feature])
         return 0
     with context.database.transaction() as state:

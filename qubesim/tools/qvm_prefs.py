@@ -1,15 +1,16 @@
-"""qvm-prefs: list, get, set or reset a qube's properties."""
+"""qvm-prefs: list, get, set or reset a qube's properties (qubesadmin/tools/qvm_prefs.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from qubesim.errors import UsageError
-from qubesim.model import PROPERTIES, format_value
+from qubesim.model import PROPERTIES
 from qubesim.tools.common import Context, parser, run
 
 
 def _list(context: Context, name: str, hide_default: bool) -> None:
+    """Every property as `NAME  D|-  VALUE`; an empty qube reference is printed `None`."""
     state = context.state()
     properties = [prop for prop in sorted(PROPERTIES) if state.has_property(name, prop)]
     width = max(map(len, properties))
@@ -17,8 +18,18 @@ def _list(context: Context, name: str, hide_default: bool) -> None:
         default = state.is_default(name, prop)
         if hide_default and default:
             continue
-        value = format_value(state.get_property(name, prop))
-        print(f"{prop.ljust(width)}  {'D' if default else '-'}  {value}".rstrip())
+        value = state.get_property(name, prop)
+        print(f"{prop.ljust(width)}  {'D' if default else '-'}  {value!s}")
+
+
+def _get(context: Context, name: str, prop: str, hide_default: bool) -> None:
+    """One value; nothing at all for None (an empty reference), as upstream."""
+    state = context.state()
+    if hide_default and state.is_default(name, prop):
+        return
+    value = state.get_property(name, prop)
+    if value is not None:
+        print(value)
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> None:
@@ -28,16 +39,16 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
         if arguments.default or arguments.value is not None:
             raise UsageError("a property name is required to set or reset a value")
         _list(context, name, arguments.hide_default)
+        return
+    prop = arguments.property.replace("-", "_")
+    if arguments.value is not None:
+        with context.transaction() as state:
+            state.set_property(name, prop, arguments.value)
     elif arguments.default:
-        if arguments.value is not None:
-            raise UsageError("--default takes no value")
-        with context.database.transaction() as state:
-            state.reset_property(name, arguments.property)
-    elif arguments.value is None:
-        print(format_value(context.state().get_property(name, arguments.property)))
+        with context.transaction() as state:
+            state.reset_property(name, prop)
     else:
-        with context.database.transaction() as state:
-            state.set_property(name, arguments.property, arguments.value)
+        _get(context, name, prop, arguments.hide_default)
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +56,9 @@ def main(argv: list[str]) -> int:
     tool.add_argument(
         "--default", "-D", action="store_true", help="reset the property to its default"
     )
-    tool.add_argument("--hide-default", action="store_true", help="when listing, skip defaults")
+    tool.add_argument("--hide-default", action="store_true", help="skip default values")
+    tool.add_argument("--get", "-g", action="store_true", help="ignored, for old scripts")
+    tool.add_argument("--set", "-s", action="store_true", help="ignored, for old scripts")
     tool.add_argument("VMNAME")
     tool.add_argument("property", nargs="?", metavar="PROPERTY")
     tool.add_argument("value", nargs="?", metavar="VALUE")

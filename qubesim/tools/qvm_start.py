@@ -1,12 +1,20 @@
-"""qvm-start: start qubes (their netvms first)."""
+"""qvm-start: start qubes, their netvms first (qubesadmin/tools/qvm_start.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from qubesim.errors import QubesimError
-from qubesim.model import ADMIN_VM
-from qubesim.tools.common import Context, parser, run
+from qubesim.tools.common import Context, parser, print_error, run
+
+
+def _start(context: Context, name: str, skip_if_running: bool) -> None:
+    """qubesadmin/utils start_expert: a running qube is an error unless skipped."""
+    if context.runtime.is_running(name):
+        if skip_if_running:
+            return
+        raise QubesimError("Domain is already running")
+    context.runtime.start(name)
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:
@@ -15,15 +23,10 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
         state.qube(name)
     failed = 0
     for name in arguments.VMNAME:
-        if name == ADMIN_VM or context.runtime.is_running(name):
-            if not arguments.skip_if_running:
-                print(f"qvm-start: error: domain {name} is already running", flush=True)
-                failed = 1
-            continue
         try:
-            context.runtime.start(name)
+            _start(context, name, arguments.skip_if_running)
         except QubesimError as error:
-            print(f"qvm-start: error: {error}", flush=True)
+            print_error(f"Starting qube failed: {name}: {error}")
             failed = 1
     return failed
 

@@ -104,6 +104,10 @@ def new_name() -> Iterator[Callable[[], str]]:
         return name
 
     yield make
+    # qvm-remove refuses a running qube, as Qubes does: what the test started is killed first.
+    running = set(run_tool("qvm-ls", "--raw-list", "--running").stdout.split())
+    if running & set(names):
+        run_tool("qvm-kill", *sorted(running & set(names)), check=False)
     for name in reversed(names):
         run_tool("qvm-remove", "--force", name, check=False)
 

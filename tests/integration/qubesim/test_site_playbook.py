@@ -14,7 +14,7 @@ def test_site_dom0_creates_the_example_qubes_and_converges(qvm: Qvm) -> None:
     names = qvm("qvm-ls", "--raw-list").stdout.split()
     for qube in ("build-fedora", "keys-fedora", "build-kernel", "keys-kernel", "build-logs"):
         assert qube in names
-    assert qvm("qvm-prefs", "keys-fedora", "netvm").stdout == "\n"
+    assert qvm("qvm-prefs", "keys-fedora", "netvm").stdout == ""
     assert qvm("qvm-prefs", "build-fedora", "label").stdout == "green\n"
     again = site("--tags", "dom0", "--diff")
     assert again.returncode == 0, again.stdout + again.stderr
