@@ -101,7 +101,7 @@ def check(engine: ModuleType, flows: list[dict[str, str]]) -> str | None:
         broken = ""
     qubes = system(engine, policy_tags(engine, policy))
     for flow in flows:
-        service, _, argument = flow["service"].partition("+")
+        service, _plus, argument = flow["service"].partition("+")
         request = engine.Request(flow["source"], flow["target"], service, argument)
         decision = policy.evaluate(request, qubes)
         call = f"{flow['source']} -> {flow['target'] or '@default'} {flow['service']}"
