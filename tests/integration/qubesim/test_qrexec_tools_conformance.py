@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import pty
 import subprocess
-from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 
-from tests.integration.conftest import Policy, Qvm, as_root, audit_since
+from tests.integration.conftest import Policy, Qvm, as_root, audit_since, run_tool
 
 MARKER_SERVICE = """#!/bin/sh
 touch /tmp/test-marker-ran
@@ -38,34 +38,25 @@ def marker_ran(qvm: Qvm, qube: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def two_qubes() -> Callable[[], tuple[str, str]]:
-    """(source, target): two network-less qubes shared by this module's tests."""
+def two_qubes() -> Iterator[tuple[str, str]]:
+    """(source, target): two network-less qubes with the test services, shared by this module."""
     names = (f"c{os.getpid() % 10000}-src", f"c{os.getpid() % 10000}-tgt")
-    made: list[str] = []
-
-    def make() -> tuple[str, str]:
-        if not made:
-            for name in names:
-                subprocess.run(
-                    ["qvm-create", "--label", "red", "--property", "netvm=", name], check=True
-                )
-                made.append(name)
-            install_service(names[1], "test.Marker", MARKER_SERVICE)
-            install_service(names[0], "test.Marker", MARKER_SERVICE)
-            install_service(names[1], "test.Cat", "#!/bin/sh\nexec cat\n")
-        return names
-
-    yield make
-    for name in made:
-        subprocess.run(["qvm-remove", "--force", name], capture_output=True)
+    try:
+        for name in names:
+            run_tool("qvm-create", "--label", "red", "--property", "netvm=", name)
+            install_service(name, "test.Marker", MARKER_SERVICE)
+        install_service(names[1], "test.Cat", "#!/bin/sh\nexec cat\n")
+        yield names
+    finally:
+        for name in names:
+            run_tool("qvm-remove", "--force", name, check=False)
 
 
 @pytest.fixture
-def qubes(two_qubes: Callable[[], tuple[str, str]], qvm: Qvm) -> tuple[str, str]:
-    source, target = two_qubes()
-    for name in (source, target):
+def qubes(two_qubes: tuple[str, str], qvm: Qvm) -> tuple[str, str]:
+    for name in two_qubes:
         in_qube(qvm, name, "rm -f /tmp/test-marker-ran")
-    return source, target
+    return two_qubes
 
 
 # -- issue 8: a call to the caller itself ----------------------------------------------------------
