@@ -122,7 +122,12 @@ def main() -> int:
     directory = sys.argv[1]
     with open(os.path.join(directory, "flows.json")) as source:
         flows = json.load(source)
-    wrong = check(load_engine(directory), flows)
+    try:
+        wrong = check(load_engine(directory), flows)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or ""
+        print(f"cannot check the flows: {error} {detail}".strip())
+        return 2
     if wrong:
         print(wrong)
         return 1
