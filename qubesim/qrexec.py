@@ -22,11 +22,12 @@ from qubesim.model import ADMIN_VM, Database
 from qubesim.policy import engine
 from qubesim.runtime import Runtime
 
-# The limits and character sets qrexec-client-vm applies; dom0 checks them again, since the
-# request comes from a qube and is untrusted.
+# The limits of a request from a qube (qrexec-client-vm truncates the target to them); dom0 checks
+# them again, since the request is untrusted, and replaces any other character of the target with
+# '_' (qrexec-daemon.c, sanitize_name). An empty target is passed on: policy reads it as @default.
 TARGET_MAX = 63
 SERVICE_MAX = 64999
-_TARGET = re.compile(r"[A-Za-z0-9_.@:-]+")
+_TARGET_OTHER_CHARACTERS = re.compile(r"[^A-Za-z0-9_.@:-]")
 _SERVICE = re.compile(r"[A-Za-z0-9_.-]+(\+[A-Za-z0-9_.+-]*)?")
 EXIT_REFUSED = 126
 DELAY_VARIABLE = "QUBESIM_QREXEC_DELAY_MS"
@@ -45,12 +46,17 @@ class Call:
 
     @classmethod
     def parse(cls, source: str, target: str, full_service: str) -> Call:
-        if not _TARGET.fullmatch(target) or len(target.encode()) > TARGET_MAX:
+        if len(target.encode()) > TARGET_MAX:
             raise InvalidRequest(f"invalid target: {target[:80]!r}")
+        target = _TARGET_OTHER_CHARACTERS.sub("_", target)
         if not _SERVICE.fullmatch(full_service) or len(full_service.encode()) > SERVICE_MAX:
             raise InvalidRequest(f"invalid service: {full_service[:80]!r}")
         service, _, argument = full_service.partition("+")
         return cls(source, target, service, argument)
+
+    def request(self) -> Any:
+        """The call as the policy engine takes it."""
+        return engine().Request(self.source, self.target, self.service, self.argument)
 
     @property
     def full_service(self) -> str:
@@ -101,7 +107,11 @@ class Qrexec:
         return policy.System(qubes)
 
     def evaluate(self, call: Call) -> Any:
-        """The policy's decision; a policy that does not load denies everything, saying why."""
+        return self.evaluate_request(call.request())
+
+    def evaluate_request(self, request: Any) -> Any:
+        """The installed policy's decision; a policy that does not load denies everything, saying
+        why."""
         policy = engine()
         try:
             loaded = policy.Policy.load()
@@ -116,20 +126,32 @@ class Qrexec:
                 reason=f"policy error: {error}",
                 requested_target_type="name",
             )
-        request = policy.Request(call.source, call.target, call.service, call.argument)
         return loaded.evaluate(request, self.system())
 
     # -- calls ------------------------------------------------------------------------------------
     def call_from_qube(
-        self, call: Call, stdio: Sequence[int], started: Callable[[], None]
+        self,
+        call: Call,
+        stdio: Sequence[int],
+        started: Callable[[], None],
+        requested_source: str = "",
     ) -> int | None:
-        """Run a qube's call if policy allows it; None when refused. `started` is told first."""
+        """Run a qube's call if policy allows it; None when refused. `started` is told first.
+        `requested_source` is qrexec-client-vm's --source-qube."""
         _delay()
+        if requested_source:
+            reason = self._requested_source_refusal(requested_source)
+            self._audit(call, "", "deny", "", reason, EXIT_REFUSED)
+            return None
         decision = self.evaluate(call)
         if not decision.allowed:
             self._audit(call, "", "deny", decision.rule_location, decision.reason, EXIT_REFUSED)
             return None
         target = decision.target
+        refusal = engine().refusal_when_run(call.request(), decision)
+        if refusal:
+            self._audit(call, target, "deny", decision.rule_location, refusal, EXIT_REFUSED)
+            return None
         if target.startswith("@dispvm"):
             reason = "disposable qubes are not simulated"
             self._audit(call, target, "deny", decision.rule_location, reason, EXIT_REFUSED)
@@ -143,6 +165,13 @@ class Qrexec:
         code = _run(argv, stdio)
         self._audit(call, target, "allow", decision.rule_location, decision.reason, code)
         return code
+
+    def _requested_source_refusal(self, name: str) -> str:
+        """Qubes accepts a requested source only for a RemoteVM relayed by the caller
+        (qrexec/policy/parser.py, Request); qubesim has no RemoteVMs, so it always refuses."""
+        if name not in self.database.read().names():
+            return f"unknown requested source qube {name!r}"
+        return f"{name}: requested source is only authorized for RemoteVM"
 
     def call_from_dom0(self, target: str, user: str | None, full_service: str) -> list[str]:
         """The command for a dom0 call (not subject to policy) with the caller's stdio; the caller

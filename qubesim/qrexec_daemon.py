@@ -1,9 +1,10 @@
 """dom0's qrexec daemon: takes calls from qubes' qrexec-client-vm over one Unix socket.
 
-A call is one JSON line {"target", "service"} with the caller's stdin, stdout and stderr attached
-(SCM_RIGHTS); the service runs with them directly, so data never passes through dom0. The caller's
-qube is known from the kernel (the peer's pid namespace), never from what it says. The answer is
-JSON lines: {"status": "refused"}, or {"status": "started"} then {"status": "exit", "code": N}.
+A call is one JSON line {"target", "service", "source"} (source: the requested source, usually
+empty) with the caller's stdin, stdout and stderr attached (SCM_RIGHTS); the service runs with
+them directly, so data never passes through dom0. The caller's qube is known from the kernel (the
+peer's pid namespace), never from what it says. The answer is JSON lines: {"status": "refused"},
+or {"status": "started"} then {"status": "exit", "code": N}.
 """
 
 from __future__ import annotations
@@ -67,14 +68,16 @@ def _answer(connection: socket.socket, **answer: object) -> None:
         connection.sendall(json.dumps(answer).encode() + b"\n")
 
 
-def _parse(data: bytes, fds: list[int]) -> tuple[str, str]:
+def _parse(data: bytes, fds: list[int]) -> tuple[str, str, str]:
+    """(target, service, requested source) of a request."""
     if len(fds) != STDIO_FDS:
         raise QubesimError(f"expected {STDIO_FDS} descriptors, got {len(fds)}")
     request = json.loads(data.decode())
     target, service = request.get("target"), request.get("service")
-    if not isinstance(target, str) or not isinstance(service, str):
+    requested_source = request.get("source", "")
+    if not all(isinstance(value, str) for value in (target, service, requested_source)):
         raise QubesimError("the request needs a target and a service")
-    return target, service
+    return target, service, requested_source
 
 
 def handle(qrexec: Qrexec, connection: socket.socket) -> None:
@@ -88,9 +91,11 @@ def handle(qrexec: Qrexec, connection: socket.socket) -> None:
         source = caller_qube(qrexec.runtime, qrexec.database.read().names(), pid)
         if source is None:
             raise QubesimError(f"a call from outside any running qube (pid {pid})")
-        target, service = _parse(data, fds)
+        target, service, requested_source = _parse(data, fds)
         call = Call.parse(source, target, service)
-        code = qrexec.call_from_qube(call, fds, lambda: _answer(connection, status="started"))
+        code = qrexec.call_from_qube(
+            call, fds, lambda: _answer(connection, status="started"), requested_source
+        )
         if code is None:
             _answer(connection, status="refused")
         else:

@@ -549,9 +549,10 @@ def _source_matches(token: _Token, source: Qube, system: System) -> bool:
     kind = token.kind
     if kind in ("any", "anyvm", "adminvm"):
         return kind == "any" or (source.name == ADMIN_VM) == (kind == "adminvm")
-    if kind in ("name", "uuid"):
-        reference = token.value if kind == "name" else f"uuid:{token.value}"
-        return _same_qube(reference, source.name, system)
+    if kind == "name":
+        return token.value == source.name
+    if kind == "uuid":
+        return _same_qube(f"uuid:{token.value}", source.name, system)
     if kind == "tag":
         return token.value in source.tags
     return kind == "type" and source.klass == token.value  # @dispvm:... never matches a source
@@ -691,9 +692,9 @@ class Policy:
         return cls(loader.rules)
 
     def evaluate(self, request: Request, system: System) -> Decision:
-        source = system.get(request.source)
-        if source is None:
-            return _denied(f"unknown source qube {request.source!r}", request.target)
+        # Qubes does not look the source up before matching: a source it does not know is still
+        # matched by `*`, `@anyvm` and its own name, never by a tag, a type or a uuid.
+        source = system.get(request.source) or Qube(request.source, klass="")
         try:
             target, requested = _intended_target(request.target, system)
         except ValueError as error:
@@ -740,8 +741,8 @@ class Policy:
         if not autostart and _needs_start(final, system):
             reason = f"{final} is not running and autostart=no ({rule.location})"
             return _denied(reason, requested, rule, notify)
-        if final == source.name:
-            return _denied(f"a qube cannot call itself ({rule.location})", requested, rule)
+        # A call whose final target is its source is allowed here, as in Qubes' evaluation; it is
+        # refused only when run (see `refusal_when_run`).
         user = rule.params.get("user") or None
         reason = f"allowed by policy {rule.location}"
         return Decision(
@@ -787,6 +788,18 @@ class Policy:
             targets.add(ADMIN_VM)
         targets.discard(source.name)
         return targets
+
+
+LOOPBACK_REFUSAL = "loopback qrexec connection not supported"
+
+
+def refusal_when_run(request: Request, decision: Decision) -> str | None:
+    """Why Qubes refuses to run a call its policy allowed, or None: a call whose final target is
+    the source itself passes evaluation (qrexec-policy-exec --just-evaluate says allow) and is
+    refused only when it is about to run."""
+    if decision.allowed and decision.target == request.source:
+        return LOOPBACK_REFUSAL
+    return None
 
 
 def lint(paths: Iterable[str], service_files: bool = False) -> list[PolicySyntaxError]:

@@ -164,7 +164,7 @@ def test_local_program_talks_to_the_service(
     source, target = pair
     install_service(qvm, target, "test.Upper", "#!/bin/sh\nhead -n1 | tr a-z A-Z\n")
     policy(f"test.Upper * {source} {target} allow")
-    script = f"qrexec-client-vm {target} test.Upper sh -c 'echo shout >&1; cat >&2'"
+    script = f"qrexec-client-vm {target} test.Upper /bin/sh -c 'echo shout >&1; cat >&2'"
     result = qvm("qvm-run", "--pass-io", source, script)
     assert result.stderr == "SHOUT\n"
 

@@ -144,3 +144,19 @@ def test_verify_playbook_names_the_first_wrong_flow(converged: None) -> None:
         "wrong flow: build-kernel -> keys-fedora qubes.Gpg must be refused,"
         " policy says allowed to keys-fedora"
     ) in result.stdout
+
+
+def test_verify_playbook_fails_when_build_log_goes_to_the_wrong_qube(converged: None) -> None:
+    """A real dom0's qrexec-policy-exec allows a redirected BuildLog without saying where it goes;
+    verify.yml must find out (from the policy and qvm-ls) and fail."""
+    tamper = Path("/etc/qubes/policy.d/10-qubesim-tamper.policy")
+    tamper.write_text("qubesbuilder.BuildLog * build-fedora dom0 allow target=keys-fedora\n")
+    try:
+        result = verify()
+    finally:
+        tamper.unlink()
+    assert result.returncode != 0
+    assert (
+        "wrong flow: build-fedora -> dom0 qubesbuilder.BuildLog must be allowed to build-logs,"
+        " policy says allowed to keys-fedora"
+    ) in result.stdout

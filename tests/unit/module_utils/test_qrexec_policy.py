@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from ansible_collections.qubes_infra.build.plugins.module_utils import qrexec_policy
 
+from qubesim.tools import qrexec_policy_exec
+
 Decision = qrexec_policy.Decision
 Policy = qrexec_policy.Policy
 PolicySyntaxError = qrexec_policy.PolicySyntaxError
@@ -41,7 +43,36 @@ def decide(
     text: str, source: str, target: str, service: str = "test.Svc", argument: str = ""
 ) -> Decision:
     policy = Policy.from_text(text, "test.policy")
-    return policy.evaluate(Request(source, target, service, argument), SYSTEM)
+    decision = policy.evaluate(Request(source, target, service, argument), SYSTEM)
+    full_service = f"{service}+{argument}" if argument else service
+    assert just_evaluate(policy, source, target, full_service) == (decision.allowed, "")
+    return decision
+
+
+def just_evaluate(policy: Policy, source: str, target: str, full_service: str) -> tuple[bool, str]:
+    """The differential check, run for every case of this suite: qubesim's
+    `qrexec-policy-exec --just-evaluate` allows (exit 0) exactly when the case says Qubes'
+    evaluation allows, and prints nothing (qrexec/tools/qrexec_policy_exec.py, get_result:
+    JustEvaluateAllowResolution answers allow without the loopback check of a real run)."""
+    code, output = qrexec_policy_exec.answer(
+        lambda request: policy.evaluate(request, SYSTEM),
+        SYSTEM,
+        (source, target, full_service),
+        just_evaluate=True,
+    )
+    assert code in (0, 1)
+    return code == 0, output
+
+
+def policy_exec(text: str, source: str, target: str) -> tuple[int, str]:
+    """qrexec-policy-exec's three-argument form without --just-evaluate: (exit code, stdout)."""
+    policy = Policy.from_text(text, "test.policy")
+    return qrexec_policy_exec.answer(
+        lambda request: policy.evaluate(request, SYSTEM),
+        SYSTEM,
+        (source, target, "test.Svc"),
+        just_evaluate=False,
+    )
 
 
 def matched(text: str, source: str, target: str, **kwargs: str) -> bool:
@@ -168,7 +199,8 @@ def test_a_call_without_argument_is_matched_as_plus() -> None:
         ("@type:AdminVM", ["dom0"], ["work"]),
         ("@dispvm:dvm", [], ["work", "dvm", "disp1234"]),  # valid, never matches a source
         ("@dispvm:@tag:disp", [], ["work", "dvm", "disp1234"]),
-        ("ghost", [], ["work"]),  # a name Qubes does not know is valid and matches nothing
+        # a name Qubes does not know is valid; it matches only a source of that very name
+        ("ghost", ["ghost"], ["work"]),
     ],
 )
 def test_source_tokens(token: str, matching: list[str], not_matching: list[str]) -> None:
@@ -571,12 +603,38 @@ def test_autostart() -> None:
     assert not redirected.allowed  # the final target counts
 
 
-def test_a_qube_cannot_call_itself() -> None:
-    direct = decide("test.Svc * work @anyvm allow\n", "work", "work")
-    assert (direct.allowed, direct.rule_location) == (False, "test.policy:1")
-    assert "cannot call itself" in direct.reason
-    assert not decide("test.Svc * work mail allow target=work\n", "work", "mail").allowed
-    assert not decide("test.Svc * dom0 dom0 allow\n", "dom0", "dom0").allowed
+# qrexec/policy/parser.py, Allow.evaluate: nothing compares the final target with the source;
+# AllowResolution.execute refuses a loopback only when the call is about to run.
+@pytest.mark.parametrize(
+    ("text", "source", "target"),
+    [
+        ("test.Svc * work @anyvm allow\n", "work", "work"),
+        ("test.Svc * work mail allow target=work\n", "work", "mail"),
+        ("test.Svc * work @default allow target=work\n", "work", ""),
+        ("test.Svc * dom0 dom0 allow\n", "dom0", "dom0"),
+    ],
+)
+def test_a_call_to_the_caller_itself_is_allowed_by_evaluation_and_refused_when_run(
+    text: str, source: str, target: str
+) -> None:
+    decision = decide(text, source, target)
+    assert (decision.allowed, decision.target, decision.rule_location) == (
+        True,
+        source,
+        "test.policy:1",
+    )
+    request = Request(source, target, "test.Svc")
+    assert qrexec_policy.refusal_when_run(request, decision) == (
+        "loopback qrexec connection not supported"
+    )
+    assert policy_exec(text, source, target) == (1, "result=deny\n")
+
+
+def test_only_a_loopback_is_refused_when_run() -> None:
+    allowed = decide("test.Svc * work mail allow\n", "work", "mail")
+    assert qrexec_policy.refusal_when_run(Request("work", "mail", "test.Svc"), allowed) is None
+    denied = decide("test.Svc * work work deny\n", "work", "work")
+    assert qrexec_policy.refusal_when_run(Request("work", "work", "test.Svc"), denied) is None
 
 
 def test_ask_is_refused_when_no_person_answers() -> None:
@@ -610,11 +668,99 @@ def test_ask_choices_come_from_the_rules_for_the_call() -> None:
     assert decide(text, "work", "").reason.startswith("ask action refused: no user to ask")
 
 
-def test_sources_are_found_by_name_or_uuid_and_unknown_ones_are_denied() -> None:
+def test_sources_are_found_by_name_or_uuid() -> None:
     text = "test.Svc * work mail allow\n"
     assert decide(text, f"uuid:{WORK_UUID}", "mail").allowed
-    unknown = decide("test.Svc * * * allow target=mail\n", "ghost", "mail")
-    assert (unknown.allowed, unknown.rule) == (False, None)
+
+
+# qrexec/policy/parser.py: Request does not look the source up, and only some tokens do
+# (TagVM.match, TypeVM.match and match_strings with a uuid need it in system_info; AnyVM.match,
+# WildcardVM.match and a name compared as a string do not).
+@pytest.mark.parametrize(
+    ("text", "target", "final"),
+    [
+        ("test.Svc * * * allow target=mail\n", "mail", "mail"),
+        ("test.Svc * @anyvm @anyvm allow\n", "mail", "mail"),
+        ("test.Svc * ghost mail allow\n", "mail", "mail"),
+        ("test.Svc * @anyvm @adminvm allow\n", "dom0", "dom0"),
+        ("test.Svc * @anyvm @default allow target=mail\n", "", "mail"),
+        ("test.Svc * @tag:office mail allow\n", "mail", None),
+        ("test.Svc * @type:AppVM mail allow\n", "mail", None),
+        (f"test.Svc * uuid:{WORK_UUID} mail allow\n", "mail", None),
+        ("test.Svc * @anyvm @dispvm allow\n", "@dispvm", None),  # no default_dispvm to use
+        ("test.Svc * @anyvm mail ask default_target=mail\n", "mail", None),
+    ],
+)
+def test_an_unknown_source_is_matched_as_qubes_matches_it(
+    text: str, target: str, final: str | None
+) -> None:
+    decision = decide(text, "ghost", target)
+    assert (decision.allowed, decision.target) == (final is not None, final)
+
+
+# -- targets as callers spell them -----------------------------------------------------------------
+# qrexec/policy/parser.py, Request.__init__ (an empty target is @default) and
+# IntendedTarget.verify (a target that names no qube is @default: '$' keywords are such names,
+# since qrexec-client-vm, not the policy, turns '$' into '@').
+@pytest.mark.parametrize(
+    ("text", "target", "final", "requested"),
+    [
+        ("test.Svc * work @default allow target=mail\n", "", "mail", "@default"),
+        ("test.Svc * work @default allow target=mail\n", "@default", "mail", "@default"),
+        ("test.Svc * work @default allow target=mail\n", "$default", "mail", "@default"),
+        ("test.Svc * work @default allow target=mail\n", "$dispvm", "mail", "@default"),
+        ("test.Svc * work @dispvm allow\n", "$dispvm", None, "@default"),
+        ("test.Svc * work @dispvm:dvm allow\n", "$dispvm:dvm", None, "@default"),
+        ("test.Svc * work @adminvm allow\n", "$adminvm", None, "@default"),
+        ("test.Svc * work @anyvm allow\n", "", None, "@default"),  # allow to @default: nowhere
+    ],
+)
+def test_empty_and_dollar_targets(
+    text: str, target: str, final: str | None, requested: str
+) -> None:
+    decision = decide(text, "work", target)
+    assert (decision.allowed, decision.target) == (final is not None, final)
+    assert (decision.requested_target, decision.requested_target_type) == (requested, "keyword")
+
+
+# -- halted qubes and autostart=no -----------------------------------------------------------------
+# qrexec/policy/parser.py, ActionType.allow_no_autostart: dom0 always, a disposable never, a qube
+# only when its power state is Running; Ask.evaluate drops the choices it rules out.
+@pytest.mark.parametrize(
+    ("text", "target", "final"),
+    [
+        ("test.Svc * work vault allow autostart=no\n", "vault", None),
+        ("test.Svc * work vault allow autostart=no\n", f"uuid:{VAULT_UUID}", None),
+        ("test.Svc * work @default allow target=vault autostart=no\n", "", None),
+        ("test.Svc * work mail allow target=vault autostart=no\n", "mail", None),
+        ("test.Svc * work @tag:secret allow autostart=no\n", "vault", None),
+        ("test.Svc * work @anyvm allow autostart=no\n", "@dispvm:dvm", None),
+        ("test.Svc * work @dispvm:dvm allow autostart=no\n", "@dispvm", None),
+        ("test.Svc * work vault ask autostart=no\ntest.Svc * work vault allow\n", "vault", None),
+        ("test.Svc * work vault allow autostart=yes\n", "vault", "vault"),
+        ("test.Svc * work vault allow\n", "vault", "vault"),
+        ("test.Svc * work mail allow target=vault\n", "mail", "vault"),
+        ("test.Svc * work @default allow target=mail autostart=no\n", "", "mail"),
+        ("test.Svc * work dom0 allow autostart=no\n", "@adminvm", "dom0"),
+    ],
+)
+def test_halted_targets_with_autostart_off(text: str, target: str, final: str | None) -> None:
+    decision = decide(text, "work", target)
+    assert (decision.allowed, decision.target) == (final is not None, final)
+
+
+def test_the_three_argument_form_prints_the_answer_qrexec_daemon_reads() -> None:
+    # qrexec/policy/parser.py, AllowResolution.execute: the lines of an allow, in this order.
+    assert policy_exec("test.Svc * work @default allow target=vault\n", "work", "") == (
+        0,
+        f"user=DEFAULT\nresult=allow\ntarget=vault\ntarget_uuid=uuid:{VAULT_UUID}\n"
+        "autostart=True\nrequested_target=@default\n",
+    )
+    assert policy_exec("test.Svc * work dom0 allow user=root autostart=no\n", "work", "dom0") == (
+        0,
+        "user=root\nresult=allow\ntarget=dom0\nautostart=False\nrequested_target=dom0\n",
+    )
+    assert policy_exec("test.Svc * work mail deny\n", "work", "mail") == (1, "result=deny\n")
 
 
 # -- the system ------------------------------------------------------------------------------------
