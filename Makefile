@@ -27,7 +27,7 @@ help:
 	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host) and one build"
 	@echo "make test   - lint, sanity, unit and integration tests"
 	@echo "make lint | sanity | unit | integration - one test layer"
-	@echo "make bench  - benchmarks (connection plugin), printed as a table"
+	@echo "make bench  - benchmarks (connection plugin, log path), printed as tables"
 	@echo "make clean  - remove the virtual environment and the simulated host"
 
 demo: bootstrap
@@ -89,6 +89,7 @@ integration: bootstrap
 bench: bootstrap
 	$(QUBESIM) init
 	$(QUBESIM) dom0 -- python bench/connection/run.py
+	$(QUBESIM) dom0 -- python bench/signing_chain/run.py
 
 clean:
 	-[ -x $(QUBESIM) ] && $(QUBESIM) destroy

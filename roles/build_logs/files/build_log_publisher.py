@@ -156,10 +156,13 @@ def publish(log_path: str, source: str, config: dict[str, Any]) -> None:
     """Commit (signed), push, then tell source's keys qube. PublishError says what failed."""
     repository, branch = config["directory"], config["branch"]
     timeout = float(config["git_timeout"])
-    with _locked(repository):
-        _commit(repository, log_path, timeout)
-        tip = _fetch_tip(repository, branch, timeout)
-        _require_trusted_tip(repository, tip, config["logs_key"], timeout)
-        _rebase(repository, tip, timeout)
-        _git(repository, timeout, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+    try:
+        with _locked(repository):
+            _commit(repository, log_path, timeout)
+            tip = _fetch_tip(repository, branch, timeout)
+            _require_trusted_tip(repository, tip, config["logs_key"], timeout)
+            _rebase(repository, tip, timeout)
+            _git(repository, timeout, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+    except OSError as error:
+        raise PublishError(f"the logs repository {repository} cannot be used: {error}") from None
     notify(source, config)

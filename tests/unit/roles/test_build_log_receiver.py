@@ -303,3 +303,16 @@ def test_a_call_without_a_caller_stores_nothing(setup: Setup) -> None:
     result = setup.receive(b"hello\n", source=None)
     assert result.returncode != 0 and b"no valid caller" in result.stderr
     assert not (setup.clone / "build-a").exists()
+
+
+def test_a_directory_that_is_no_repository_keeps_the_log_and_says_why(
+    setup: Setup, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    setup.settings(directory=str(plain))
+    result = setup.receive(b"hello\n")
+    assert result.returncode == 1
+    assert b"cannot be used" in result.stderr and b"Traceback" not in result.stderr
+    (stored,) = (plain / "build-a").glob("log_*")
+    assert _texts(stored)[1] == "hello"
