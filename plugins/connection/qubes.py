@@ -28,7 +28,7 @@ notes:
     outrank inventory variables. So when a host's facts carry any of them (only a misbehaving or
     compromised qube returns such facts), its tasks fail with a message naming them instead of
     running with values the qube chose. Clear the host's facts once the qube is trusted again
-    (C(meta: clear_facts), or the fact cache).
+    (the C(clear_facts) meta task, or the fact cache).
 options:
   remote_addr:
     description: The qube to run in.
@@ -309,7 +309,7 @@ class Connection(ConnectionBase):
             raise AnsibleConnectionFailure(
                 f"host {host!r}: its facts set {', '.join(planted)}, which only the inventory may"
                 " set; facts come from the qube, so its tasks are refused until its facts are"
-                " cleared (meta: clear_facts)"
+                " cleared (meta task clear_facts)"
             )
         return super()._resolve_option_variables(variables, templar)
 
@@ -462,6 +462,11 @@ class Connection(ConnectionBase):
         """A MiB option as bytes (0: no limit)."""
         return self.get_option(option) * MIB or None
 
+    def _abandon(self) -> None:
+        """After a timeout or a limit, the stream may still be busy with what was stopped (a
+        qube that stopped reading, a flood): the next operation gets a new one."""
+        self.reset()
+
     def _broken(self, error: Exception) -> AnsibleConnectionFailure:
         self.close()
         return AnsibleConnectionFailure(f"qube {self._qube()!r}: {error}")
@@ -478,12 +483,12 @@ class Connection(ConnectionBase):
         try:
             result = session.run(to_text(cmd), to_bytes(in_data or b""), timeout, limit)
         except TimeoutError:
-            self.close()
+            self._abandon()
             raise AnsibleError(
                 f"command timed out after {timeout} seconds in qube {self._qube()!r} and was killed"
             ) from None
         except qubes_channel.LimitExceeded:
-            self.close()
+            self._abandon()
             raise AnsibleError(
                 f"command in qube {self._qube()!r} returned more than"
                 f" {self.get_option('output_limit')} MiB of output (output_limit) and was killed"
@@ -501,7 +506,7 @@ class Connection(ConnectionBase):
             with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as source:
                 result = session.put(source, to_text(out_path), timeout)
         except TimeoutError:
-            self.close()
+            self._abandon()
             raise AnsibleError(
                 f"transfer of {in_path} to qube {self._qube()!r} took more than {timeout}"
                 " seconds (transfer_timeout) and was stopped"
@@ -538,13 +543,13 @@ class Connection(ConnectionBase):
 
     def _fetch_failure(self, in_path: str, error: BaseException) -> BaseException:
         if isinstance(error, TimeoutError):
-            self.close()
+            self._abandon()
             return AnsibleError(
                 f"fetch of {in_path} from qube {self._qube()!r} took more than"
                 f" {self.get_option('transfer_timeout')} seconds (transfer_timeout) and was stopped"
             )
         if isinstance(error, qubes_channel.LimitExceeded):
-            self.close()
+            self._abandon()
             return AnsibleError(
                 f"{in_path} in qube {self._qube()!r} is larger than"
                 f" {self.get_option('fetch_limit')} MiB (fetch_limit): the fetch was stopped"

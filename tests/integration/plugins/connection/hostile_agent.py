@@ -98,7 +98,16 @@ def escapes_on_put(agent: Any, kind: int, request: int, payload: bytes) -> bool:
     return True
 
 
+def deaf_on_put(agent: Any, kind: int, request: int, payload: bytes) -> bool:
+    """Serve commands, but stop reading the stream at the first upload."""
+    if kind != agent.channel["PUT"]:
+        return False
+    forever()
+    return True
+
+
 HANDLERS: dict[str, Handler] = {
+    "deaf-on-put": deaf_on_put,
     "flood-output": flood_output,
     "flood-fetch": flood_fetch,
     "nested-exit": exit_frame(b"[" * 200_000),
