@@ -131,7 +131,7 @@ def decode_exit(payload: bytes) -> tuple[int, str | None]:
     """(rc, error) of an EXIT frame, checked: rc an int of a process's range, error text or null."""
     status = decode_json(payload)
     rc, error = status.get("rc"), status.get("error")
-    if type(rc) is not int or not -(1 << 31) <= rc < (1 << 31):
+    if isinstance(rc, bool) or not isinstance(rc, int) or not -(1 << 31) <= rc < (1 << 31):
         raise ChannelError(MALFORMED)
     if error is not None and not isinstance(error, str):
         raise ChannelError(MALFORMED)
