@@ -193,10 +193,7 @@ def test_garbage_handshake_is_unreachable_promptly_beside_a_healthy_qube(
         f"qube '{hostile}': it answered the handshake with something else than the agent"
         in result.output
     )
-    assert (
-        f"{healthy}                    : ok=1" in result.output
-        or f"ok: [{healthy}]" in result.output
-    )
+    assert f"ok: [{healthy}]" in result.output  # its start has a lock of its own
     assert result.seconds < 60  # generous: connect_timeout is 5 s; before, it never ended
 
 
