@@ -301,7 +301,9 @@ class Connection(ConnectionBase):
         self._socket: socket.socket | None = None
 
     def _resolve_option_variables(self, variables: Mapping[str, Any], templar: Any) -> Any:
-        """Refuse to connect when facts would choose the connection (see the notes)."""
+        """Refuse to connect when facts would choose the connection (see the notes). ansible-core
+        resolves the plugin's variables here from all of the task's variables, facts included:
+        the one place where the plugin can tell that a value may have come from the qube."""
         names = C.config.get_plugin_vars("connection", self._load_name)
         planted = planted_variables(names, variables)
         if planted:
