@@ -18,6 +18,17 @@ description:
     ControlPersist) behind a local socket that only the controller's user can reach.
   - A missing, halted (with O(autostart=false)) or refused qube, or a broken stream, is reported
     as unreachable; a command's own failure is the command's. A handshake tells them apart.
+  - The qube is not trusted. Every wait on it has a deadline, what it sends is capped
+    (O(output_limit), O(fetch_limit)), and its text is made printable before it is shown.
+    Facts it returns never choose the connection, see the notes.
+notes:
+  - Which qube, which user, which transport and every timeout and limit come from the inventory,
+    the play and the configuration. Ansible itself drops C(ansible_host), C(ansible_user) and
+    C(ansible_connection) from module facts, but not the C(ansible_qubes_*) variables, and facts
+    outrank inventory variables. So when a host's facts carry any of them (only a misbehaving or
+    compromised qube returns such facts), its tasks fail with a message naming them instead of
+    running with values the qube chose. Clear the host's facts once the qube is trusted again
+    (the C(clear_facts) meta task, or the fact cache).
 options:
   remote_addr:
     description: The qube to run in.
@@ -54,7 +65,10 @@ options:
       - section: qubes_connection
         key: autostart
   connect_timeout:
-    description: Seconds to wait for the qube's agent, including starting the qube.
+    description:
+      - Seconds to wait for the qube's agent, including starting the qube; a failed start is
+        ended (its processes killed) within the same time.
+      - Also the longest time the qube may leave its input unread; then the stream is closed.
     type: int
     default: 120
     vars:
@@ -77,6 +91,45 @@ options:
     ini:
       - section: qubes_connection
         key: command_timeout
+  transfer_timeout:
+    description:
+      - Seconds one file transfer (put or fetch) may take; then it is stopped, its partial file
+        removed, and the task fails. V(0) means no limit.
+    type: int
+    default: 900
+    vars:
+      - name: ansible_qubes_transfer_timeout
+    env:
+      - name: ANSIBLE_QUBES_TRANSFER_TIMEOUT
+    ini:
+      - section: qubes_connection
+        key: transfer_timeout
+  output_limit:
+    description:
+      - MiB of output (stdout and stderr together) one command may return to the controller; past
+        it the command is killed and the task fails saying so. V(0) means no limit.
+    type: int
+    default: 64
+    vars:
+      - name: ansible_qubes_output_limit
+    env:
+      - name: ANSIBLE_QUBES_OUTPUT_LIMIT
+    ini:
+      - section: qubes_connection
+        key: output_limit
+  fetch_limit:
+    description:
+      - MiB one fetched file may have; past it the fetch is stopped, the partial file removed,
+        and the task fails saying so. V(0) means no limit.
+    type: int
+    default: 4096
+    vars:
+      - name: ansible_qubes_fetch_limit
+    env:
+      - name: ANSIBLE_QUBES_FETCH_LIMIT
+    ini:
+      - section: qubes_connection
+        key: fetch_limit
   persist:
     description: Keep one stream per qube and user open between tasks.
     type: bool
@@ -143,12 +196,16 @@ import fcntl
 import hashlib
 import json
 import os
-import re
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
 
+from ansible import constants as C
 from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
@@ -158,23 +215,77 @@ from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_cha
 display = Display()
 
 CONTROL_DIRECTORY = "~/.ansible/cp"
-STDERR_SHOWN = 600
+# Characters of a qube's text (stderr, error messages) shown to the operator at most.
+SHOWN = 300
+# Seconds beyond connect_timeout that a start may take (the multiplexer's own start and end).
+START_SLACK = 15
+MIB = 1 << 20
+# The variables of this plugin that Ansible does not already drop from module facts.
+OWN_VARIABLES = "ansible_qubes_"
 
 
-def describe_failure(qube: str, returncode: int | None, stderr: str, autostart: bool) -> str:
-    """Why a stream to `qube` gave no agent, from the transport's exit code and stderr (which come
-    from dom0's tools and the qube: shown bounded and without control characters)."""
-    text = re.sub(r"[^\x20-\x7e\n]", "?", stderr)[-STDERR_SHOWN:].strip()
-    if "no such domain" in text:
+def describe_failure(
+    qube: str, returncode: int | None, stderr: str, autostart: bool, state: str | None
+) -> str:
+    """Why a stream to `qube` gave no agent. The verdict rests on dom0's view of the qube (`state`
+    from qube_state: "missing", "halted", "running", or None where it cannot be known) and on the
+    transport's exit code; stderr, which the qube can write, is only quoted, bounded and printable.
+    """
+    if state == "missing":
         return f"qube {qube!r} does not exist"
-    if not autostart and "not running" in text:
+    if state == "halted" and not autostart:
         return f"qube {qube!r} is not running and autostart is off"
-    if returncode == 126 or "Request refused" in text:
+    if returncode == 126:
         return f"qrexec policy refused the shell service to qube {qube!r}"
-    if returncode == 127 and "python3" in text:
-        return f"qube {qube!r} has no python3 (it is needed to run tasks)"
+    if returncode == 127:
+        return f"qube {qube!r} could not run python3 (it is needed to run tasks)"
     detail = f" (exit {returncode})" if returncode is not None else ""
-    return f"could not reach qube {qube!r}{detail}" + (f": {text}" if text else "")
+    if state is None:
+        detail += ": it may not exist, be halted with autostart off or be refused by policy"
+    excerpt = qubes_channel.printable(stderr, SHOWN).strip()
+    return f"could not reach qube {qube!r}{detail}" + (f"; it said: {excerpt}" if excerpt else "")
+
+
+def qube_state(qube: str, timeout: float) -> str | None:
+    """dom0's view of the qube with qvm-check, whose exit code is 0 when the qube exists (with
+    --running: when it runs) and non-zero otherwise: "missing", "halted" or "running"; None where
+    qvm-check is not there (an admin qube) or does not answer."""
+    if shutil.which("qvm-check") is None:
+        return None
+
+    def check(*arguments: str) -> int | None:
+        try:
+            return subprocess.run(
+                ["qvm-check", "--quiet", *arguments, "--", qube],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            ).returncode
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    exists = check()
+    if exists is None:
+        return None
+    if exists != 0:
+        return "missing"
+    running = check("--running")
+    if running is None:
+        return None
+    return "running" if running == 0 else "halted"
+
+
+def planted_variables(names: list[str], variables: Mapping[str, Any]) -> list[str]:
+    """The plugin's own variables that a host's facts carry. Facts outrank inventory variables
+    and Ansible keeps these in them (it drops ansible_host, ansible_user and the like)."""
+    facts = variables.get("ansible_facts") or {}
+    return sorted(
+        name
+        for name in names
+        if name.startswith(OWN_VARIABLES) and name[len("ansible_") :] in facts
+    )
 
 
 class Connection(ConnectionBase):
@@ -189,17 +300,35 @@ class Connection(ConnectionBase):
         self._stream: qubes_channel.Transport | None = None
         self._socket: socket.socket | None = None
 
+    def _resolve_option_variables(self, variables: Mapping[str, Any], templar: Any) -> Any:
+        """Refuse to connect when facts would choose the connection (see the notes). ansible-core
+        resolves the plugin's variables here from all of the task's variables, facts included:
+        the one place where the plugin can tell that a value may have come from the qube."""
+        names = C.config.get_plugin_vars("connection", self._load_name)
+        planted = planted_variables(names, variables)
+        if planted:
+            host = variables.get("inventory_hostname", "?")
+            raise AnsibleConnectionFailure(
+                f"host {host!r}: its facts set {', '.join(planted)}, which only the inventory may"
+                " set; facts come from the qube, so its tasks are refused until its facts are"
+                " cleared (meta task clear_facts)"
+            )
+        return super()._resolve_option_variables(variables, templar)
+
     # -- connecting -------------------------------------------------------------------------------
     def _qube(self) -> str:
         return str(self.get_option("remote_addr"))
 
+    def _transport(self) -> str:
+        transport = str(self.get_option("transport"))
+        if transport == "auto":
+            return "qrexec-client-vm" if shutil.which("qrexec-client-vm") else "qvm-run"
+        return transport
+
     def _stream_command(self) -> list[str]:
         qube, user = self._qube(), self.get_option("remote_user")
         service = "qubes.VMRootShell" if user == "root" else "qubes.VMShell"
-        transport = self.get_option("transport")
-        if transport == "auto":
-            transport = "qrexec-client-vm" if shutil.which("qrexec-client-vm") else "qvm-run"
-        if transport == "qrexec-client-vm":
+        if self._transport() == "qrexec-client-vm":
             if user not in (None, "root"):
                 raise AnsibleConnectionFailure(
                     f"from an admin qube only the default user or root can be used, not {user!r}"
@@ -213,13 +342,17 @@ class Connection(ConnectionBase):
         return [*command, qube, service]
 
     def _failure(self, failure: qubes_channel.ConnectFailure) -> AnsibleConnectionFailure:
+        qube = self._qube()
         stderr = to_text(failure.stderr, errors="surrogate_or_replace")
         if failure.returncode is None and not stderr:
-            reason = f"qube {self._qube()!r}: {failure}"
-        else:
-            reason = describe_failure(
-                self._qube(), failure.returncode, stderr, self.get_option("autostart")
-            )
+            return AnsibleConnectionFailure(f"qube {qube!r}: {failure}")
+        # A silent exit 1 is all qvm-run --no-autostart says of a halted qube: ask dom0 instead.
+        state = None
+        if self._transport() == "qvm-run":
+            state = qube_state(qube, self.get_option("connect_timeout"))
+        reason = describe_failure(
+            qube, failure.returncode, stderr, self.get_option("autostart"), state
+        )
         return AnsibleConnectionFailure(reason)
 
     def _connect(self) -> Connection:
@@ -228,15 +361,16 @@ class Connection(ConnectionBase):
         command = self._stream_command()
         display.vvv(f"QUBES: {' '.join(command)}", host=self._qube())
         if self.get_option("persist"):
-            self._socket = self._multiplexer_socket(command)
-            reader = qubes_channel.Reader(self._socket.fileno())
-            self._session = qubes_channel.Session(self._socket.sendall, reader)
+            link = self._socket = self._multiplexer_socket(command)
+            reader = qubes_channel.Reader(link.fileno())
+            self._session = qubes_channel.Session(link.sendall, reader, lambda: _shut_down(link))
         else:
             try:
-                self._stream = qubes_channel.Transport(command, self.get_option("connect_timeout"))
+                stream = qubes_channel.Transport(command, self.get_option("connect_timeout"))
             except qubes_channel.ConnectFailure as failure:
                 raise self._failure(failure) from None
-            self._session = qubes_channel.Session(self._stream.send_bytes, self._stream.reader)
+            self._stream = stream
+            self._session = qubes_channel.Session(stream.send_bytes, stream.reader, stream.kill)
         self._connected = True
         return self
 
@@ -251,9 +385,7 @@ class Connection(ConnectionBase):
         connected = _try_connect(path)
         if connected is not None:
             return connected
-        # One lock for the directory: starts are rare and short, and no lock files pile up.
-        with open(os.path.join(os.path.dirname(path), "qubes.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._start_lock(path):
             connected = _try_connect(path)
             if connected is None:
                 self._start_multiplexer(command, path)
@@ -262,15 +394,36 @@ class Connection(ConnectionBase):
             raise AnsibleConnectionFailure(f"qube {self._qube()!r}: the multiplexer did not start")
         return connected
 
+    @contextlib.contextmanager
+    def _start_lock(self, path: str) -> Iterator[None]:
+        """One start at a time per stream (a lock of its own: a qube that is slow to answer holds
+        back no other), waited for no longer than a start may take."""
+        patience = self.get_option("connect_timeout") + START_SLACK
+        deadline = time.monotonic() + patience
+        with open(f"{path}.lock", "a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AnsibleConnectionFailure(
+                            f"qube {self._qube()!r}: another start of its stream did not end"
+                            f" within {patience} seconds"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+
     def _start_multiplexer(self, command: list[str], path: str) -> None:
+        timeout = self.get_option("connect_timeout")
         spec = {
             "command": command,
             "socket": path,
             "idle": self.get_option("persist_idle"),
-            "timeout": self.get_option("connect_timeout"),
+            "timeout": timeout,
         }
         read_end, write_end = os.pipe()
-        subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, qubes_channel.__file__, "mux", json.dumps(spec), str(write_end)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -280,6 +433,11 @@ class Connection(ConnectionBase):
         )
         os.close(write_end)
         with os.fdopen(read_end, "rb") as notify:
+            if not select.select([notify], [], [], timeout + START_SLACK)[0]:
+                process.kill()
+                raise AnsibleConnectionFailure(
+                    f"qube {self._qube()!r}: no answer within {timeout} seconds"
+                )
             line = notify.readline(1 << 17)
         try:
             report = json.loads(line)
@@ -302,6 +460,19 @@ class Connection(ConnectionBase):
             raise AnsibleConnectionFailure(f"qube {self._qube()!r}: not connected")
         return self._session
 
+    def _limit(self, option: str) -> int | None:
+        """A MiB option as bytes (0: no limit)."""
+        return self.get_option(option) * MIB or None
+
+    def _abandon(self) -> None:
+        """After a timeout or a limit, the stream may still be busy with what was stopped (a
+        qube that stopped reading, a flood): the next operation gets a new one."""
+        self.reset()
+
+    def _broken(self, error: Exception) -> AnsibleConnectionFailure:
+        self.close()
+        return AnsibleConnectionFailure(f"qube {self._qube()!r}: {error}")
+
     # -- operations -------------------------------------------------------------------------------
     def exec_command(
         self, cmd: str, in_data: bytes | None = None, sudoable: bool = True
@@ -309,46 +480,89 @@ class Connection(ConnectionBase):
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         display.vvv(f"EXEC {cmd}", host=self._qube())
         timeout = self.get_option("command_timeout") or None
+        limit = self._limit("output_limit")
         session = self._require_session()
         try:
-            result = session.run(to_text(cmd), to_bytes(in_data or b""), timeout)
+            result = session.run(to_text(cmd), to_bytes(in_data or b""), timeout, limit)
         except TimeoutError:
+            self._abandon()
             raise AnsibleError(
                 f"command timed out after {timeout} seconds in qube {self._qube()!r} and was killed"
             ) from None
+        except qubes_channel.LimitExceeded:
+            self._abandon()
+            raise AnsibleError(
+                f"command in qube {self._qube()!r} returned more than"
+                f" {self.get_option('output_limit')} MiB of output (output_limit) and was killed"
+            ) from None
         except (OSError, qubes_channel.ChannelError) as error:
-            raise AnsibleConnectionFailure(f"qube {self._qube()!r}: {error}") from None
+            raise self._broken(error) from None
         return result.rc, bytes(result.stdout), bytes(result.stderr)
 
     def put_file(self, in_path: str, out_path: str) -> None:
         super().put_file(in_path, out_path)
         display.vvv(f"PUT {in_path} TO {out_path}", host=self._qube())
+        timeout = self.get_option("transfer_timeout") or None
         session = self._require_session()
         try:
             with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as source:
-                result = session.put(source, to_text(out_path))
+                result = session.put(source, to_text(out_path), timeout)
+        except TimeoutError:
+            self._abandon()
+            raise AnsibleError(
+                f"transfer of {in_path} to qube {self._qube()!r} took more than {timeout}"
+                " seconds (transfer_timeout) and was stopped"
+            ) from None
         except (OSError, qubes_channel.ChannelError) as error:
-            raise AnsibleConnectionFailure(f"qube {self._qube()!r}: {error}") from None
+            raise self._broken(error) from None
         if result.rc != 0:
-            raise AnsibleError(f"failed to transfer {in_path} to {self._qube()}: {result.error}")
+            raise AnsibleError(
+                f"failed to transfer {in_path} to {self._qube()}: {self._shown(result.error)}"
+            )
 
     def fetch_file(self, in_path: str, out_path: str) -> None:
         super().fetch_file(in_path, out_path)
         display.vvv(f"FETCH {in_path} TO {out_path}", host=self._qube())
+        timeout = self.get_option("transfer_timeout") or None
         session = self._require_session()
         destination = to_bytes(out_path, errors="surrogate_or_strict")
         partial = destination + b".part"
         try:
             with open(partial, "wb") as sink:
-                result = session.fetch(to_text(in_path), sink.write)
-        except (OSError, qubes_channel.ChannelError) as error:
+                result = session.fetch(
+                    to_text(in_path), sink.write, timeout, self._limit("fetch_limit")
+                )
+            if result.rc != 0:
+                raise AnsibleError(
+                    f"failed to fetch {in_path} from {self._qube()}: {self._shown(result.error)}"
+                )
+            os.rename(partial, destination)
+        except BaseException as error:
+            # Whatever ended it (the qube, a limit, an interrupted run), no partial file stays.
             with contextlib.suppress(OSError):
                 os.unlink(partial)
-            raise AnsibleConnectionFailure(f"qube {self._qube()!r}: {error}") from None
-        if result.rc != 0:
-            os.unlink(partial)
-            raise AnsibleError(f"failed to fetch {in_path} from {self._qube()}: {result.error}")
-        os.rename(partial, destination)
+            raise self._fetch_failure(in_path, error) from None
+
+    def _fetch_failure(self, in_path: str, error: BaseException) -> BaseException:
+        if isinstance(error, TimeoutError):
+            self._abandon()
+            return AnsibleError(
+                f"fetch of {in_path} from qube {self._qube()!r} took more than"
+                f" {self.get_option('transfer_timeout')} seconds (transfer_timeout) and was stopped"
+            )
+        if isinstance(error, qubes_channel.LimitExceeded):
+            self._abandon()
+            return AnsibleError(
+                f"{in_path} in qube {self._qube()!r} is larger than"
+                f" {self.get_option('fetch_limit')} MiB (fetch_limit): the fetch was stopped"
+            )
+        if isinstance(error, (OSError, qubes_channel.ChannelError)):
+            return self._broken(error)
+        return error
+
+    @staticmethod
+    def _shown(text: str | None) -> str:
+        return qubes_channel.printable(text or "unknown error", SHOWN)
 
     def reset(self) -> None:
         """Start afresh: the next task gets a new stream (and a new agent) in the qube."""
@@ -362,10 +576,17 @@ class Connection(ConnectionBase):
             self._stream.close()
             self._stream = None
         if self._socket is not None:
+            _shut_down(self._socket)
             self._socket.close()
             self._socket = None
         self._session = None
         self._connected = False
+
+
+def _shut_down(link: socket.socket) -> None:
+    """End a socket for every thread using it (close alone leaves a blocked send blocked)."""
+    with contextlib.suppress(OSError):
+        link.shutdown(socket.SHUT_RDWR)
 
 
 def _try_connect(path: str) -> socket.socket | None:

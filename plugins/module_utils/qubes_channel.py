@@ -13,15 +13,19 @@ The same file plays three parts, all with the standard library only:
 
 Frames are ``type (1 byte) | request id (4) | length (4) | payload``. Payloads are bounded, and
 nothing that comes from the qube is ever evaluated: exit information is JSON, output is bytes.
+The qube may be compromised: on the controller side every wait has a deadline, every buffer and
+file it feeds has a cap, and any text of its making is made printable before it is shown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -52,10 +56,26 @@ STDERR = ord("R")
 EXIT = ord("E")  # payload: JSON {"rc": int, "error": str or null}; the request is over
 
 STREAM_CLOSED = "the channel to the qube closed"
+MALFORMED = "malformed message from the qube"
+# How long a kill waits for the channel before it tears the stream down instead.
+KILL_GRACE = 2.0
+# How much of a failed stream's stderr the multiplexer passes on (the reason shows less).
+REPORTED_STDERR = 4096
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e\n]")
 
 
 class ChannelError(Exception):
     """The channel failed (not the command: its exit code comes in an EXIT frame)."""
+
+
+class LimitExceeded(ChannelError):
+    """The qube sent more than a cap allows; the request was killed."""
+
+
+def printable(text: str, limit: int) -> str:
+    """Text from the qube as it may be shown to the operator: printable ASCII and newlines only
+    (no terminal escapes), at most the last `limit` characters."""
+    return _NOT_PRINTABLE.sub("?", text[-limit:])
 
 
 def pack(kind: int, request: int, payload: bytes = b"") -> bytes:
@@ -100,11 +120,22 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     """JSON from the other side, which must be an object; anything else is a channel error."""
     try:
         value = json.loads(payload.decode("utf-8"))
-    except ValueError:
-        raise ChannelError("malformed message") from None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        raise ChannelError(MALFORMED) from None
     if not isinstance(value, dict):
-        raise ChannelError("malformed message")
+        raise ChannelError(MALFORMED)
     return value
+
+
+def decode_exit(payload: bytes) -> tuple[int, str | None]:
+    """(rc, error) of an EXIT frame, checked: rc an int of a process's range, error text or null."""
+    status = decode_json(payload)
+    rc, error = status.get("rc"), status.get("error")
+    if isinstance(rc, bool) or not isinstance(rc, int) or not -(1 << 31) <= rc < (1 << 31):
+        raise ChannelError(MALFORMED)
+    if error is not None and not isinstance(error, str):
+        raise ChannelError(MALFORMED)
+    return rc, error
 
 
 def encode_json(value: dict[str, Any]) -> bytes:
@@ -222,6 +253,7 @@ class Agent:
         self.writer = FrameWriter(self._write_out)
         self.commands: dict[int, _Command] = {}
         self.uploads: dict[int, _Upload] = {}
+        self.fetches: dict[int, threading.Event] = {}
 
     def _write_out(self, frame: bytes) -> None:
         self.stdout.write(frame)
@@ -230,14 +262,18 @@ class Agent:
     def _finish(self, request: int, code: int, error: str | None = None) -> None:
         self.writer.send(EXIT, request, encode_json({"rc": code, "error": error}))
 
-    def _fetch(self, request: int, path: str) -> None:
+    def _fetch(self, request: int, path: str, cancelled: threading.Event) -> None:
         try:
             with open(path, "rb") as source:
                 for chunk in iter(lambda: source.read(CHUNK), b""):
+                    if cancelled.is_set():
+                        break
                     self.writer.send(STDOUT, request, chunk)
         except OSError as error:
             self._finish(request, 1, _error_text(error))
             return
+        finally:
+            self.fetches.pop(request, None)
         self._finish(request, 0)
 
     def _put(self, request: int, payload: bytes) -> None:
@@ -268,18 +304,30 @@ class Agent:
             self.commands[request] = _Command(self.writer, request, command)
         elif kind == STDIN and request in self.commands:
             self.commands[request].feed(payload)
-        elif kind == KILL and request in self.commands:
-            self.commands[request].kill()
+        elif kind == KILL:
+            self._kill(request)
         elif kind == PUT:
             self._start_put(request, decode_json(payload).get("path", ""))
         elif kind == DATA:
             self._put(request, payload)
         elif kind == FETCH:
-            thread = threading.Thread(
-                target=self._fetch, args=(request, decode_json(payload).get("path", ""))
-            )
+            cancelled = self.fetches[request] = threading.Event()
+            path = decode_json(payload).get("path", "")
+            thread = threading.Thread(target=self._fetch, args=(request, path, cancelled))
             thread.daemon = True
             thread.start()
+
+    def _kill(self, request: int) -> None:
+        """End whatever the request is doing: a command, an upload (its temporary file goes) or
+        a fetch (the controller gave up on it: timed out or over its size limit)."""
+        if request in self.commands:
+            self.commands[request].kill()
+        upload = self.uploads.pop(request, None)
+        if upload is not None:
+            upload.abort()
+        cancelled = self.fetches.get(request)
+        if cancelled is not None:
+            cancelled.set()
 
     def serve(self) -> None:
         while True:
@@ -362,50 +410,98 @@ class ConnectFailure(ChannelError):
 
 
 class Transport:
-    """One qrexec stream (qvm-run or qrexec-client-vm) running the agent in the qube."""
+    """One qrexec stream (qvm-run or qrexec-client-vm) running the agent in the qube.
+
+    `timeout` bounds the whole handshake, a failed one included (what does not exit in time is
+    killed), and then every write: a qube that leaves its input unread that long loses the stream.
+    """
 
     def __init__(self, command: list[str], timeout: float) -> None:
+        self.timeout = timeout
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,  # frames go straight to the pipe: nothing is left to flush on close
         )
+        self._stdin = self.process.stdin.fileno()
+        flags = fcntl.fcntl(self._stdin, fcntl.F_GETFL)
+        fcntl.fcntl(self._stdin, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self.stderr_tail = bytearray()
-        drain = threading.Thread(target=self._drain_stderr)
-        drain.daemon = True
-        drain.start()
+        self._drain = threading.Thread(target=self._drain_stderr)
+        self._drain.daemon = True
+        self._drain.start()
         self.reader = Reader(self.process.stdout.fileno())
         self.writer = FrameWriter(self.send_bytes)
+        self._handshake(time.monotonic() + timeout)
+
+    def _handshake(self, deadline: float) -> None:
         source = agent_source()
         try:
-            self.send_bytes(bootstrap_line(source) + source)
-            hello = self.reader.read_exact(len(HANDSHAKE), time.monotonic() + timeout)
+            self._write(bootstrap_line(source) + source, deadline)
+            hello = self.reader.read_exact(len(HANDSHAKE), deadline)
         except TimeoutError:
-            self.close()
-            raise ConnectFailure(f"no answer within {timeout} seconds") from None
+            self.kill()
+            raise ConnectFailure(f"no answer within {self.timeout} seconds") from None
         except (OSError, ChannelError):
             hello = None
-        if hello != HANDSHAKE:
+        if hello == HANDSHAKE:
+            return
+        if hello is not None:
+            self.kill()
+            raise ConnectFailure("it answered the handshake with something else than the agent")
+        returncode = self._exit_code(deadline)
+        self._drain.join(2)
+        raise ConnectFailure("the agent did not start", returncode, bytes(self.stderr_tail))
+
+    def _exit_code(self, deadline: float) -> int | None:
+        """The stream's exit code once it ended, or None when it had to be killed."""
+        with contextlib.suppress(OSError):
             self.process.stdin.close()
-            code = self.process.wait()
-            drain.join(5)
-            raise ConnectFailure("the agent did not start", code, bytes(self.stderr_tail))
+        try:
+            return self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
 
     def _drain_stderr(self) -> None:
         for chunk in iter(lambda: os.read(self.process.stderr.fileno(), 4096), b""):
             self.stderr_tail.extend(chunk)
             del self.stderr_tail[:-65536]
 
-    def send_bytes(self, data: bytes) -> None:
-        self.process.stdin.write(data)
-        self.process.stdin.flush()
+    def _write(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._stdin, view) :]
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([], [self._stdin], [], remaining)[1]:
+                    raise TimeoutError() from None
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
+    def send_bytes(self, data: bytes) -> None:
+        try:
+            self._write(data, time.monotonic() + self.timeout)
+        except TimeoutError:
+            self.kill()
+            raise ChannelError(
+                f"the qube left its input unread for {self.timeout} seconds"
+            ) from None
+
+    def kill(self) -> None:
+        """Tear the stream down at once: a writer or reader blocked on it gets an error."""
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        self.process.wait()
+
+    def close(self, grace: float = 10) -> None:
+        with contextlib.suppress(OSError):
             self.process.stdin.close()
         try:
-            self.process.wait(10)
+            self.process.wait(grace)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
 
 
 class Result:
@@ -417,12 +513,18 @@ class Result:
 
 
 class Session:
-    """Requests over one link: an agent's transport directly, or a multiplexer's socket."""
+    """Requests over one link: an agent's transport directly, or a multiplexer's socket.
 
-    def __init__(self, send: Callable[[bytes], None], reader: Reader) -> None:
+    `teardown` breaks the link at once; it is used when a kill cannot be sent promptly (another
+    writer is blocked on a qube that stopped reading), so that no kill waits behind it."""
+
+    def __init__(
+        self, send: Callable[[bytes], None], reader: Reader, teardown: Callable[[], None]
+    ) -> None:
         self._send_unlocked = send
         self._send_lock = threading.Lock()
         self._reader = reader
+        self._teardown = teardown
         self._next = 0
 
     def _send(self, frame: bytes) -> None:
@@ -433,13 +535,28 @@ class Session:
         self._next += 1
         return self._next
 
+    def _kill(self, request: int) -> None:
+        if self._send_lock.acquire(timeout=KILL_GRACE):
+            try:
+                self._send_unlocked(pack(KILL, request))
+                return
+            except (OSError, ChannelError):
+                pass
+            finally:
+                self._send_lock.release()
+        self._teardown()
+
     def _collect(
         self,
         request: int,
         result: Result,
         deadline: float | None,
         sink: Callable[[bytes], object] | None = None,
+        limit: int | None = None,
     ) -> Result:
+        """Read the answers to request until its EXIT; output beyond limit bytes (stdout and
+        stderr together) raises LimitExceeded."""
+        received = 0
         while True:
             frame = self._reader.read_frame(deadline)
             if frame is None:
@@ -447,21 +564,29 @@ class Session:
             kind, answered, payload = frame
             if answered != request:
                 continue  # an answer to an abandoned request (after a timeout)
-            if kind == STDOUT:
+            if kind == EXIT:
+                result.rc, result.error = decode_exit(payload)
+                return result
+            received += len(payload)
+            if limit is not None and received > limit:
+                raise LimitExceeded(f"more than {limit} bytes")
+            if kind == STDERR:
+                result.stderr.extend(payload)
+            elif kind == STDOUT:
                 if sink is None:
                     result.stdout.extend(payload)
                 else:
                     sink(payload)
-            elif kind == STDERR:
-                result.stderr.extend(payload)
-            elif kind == EXIT:
-                status = decode_json(payload)
-                result.rc = int(status.get("rc", 1))
-                result.error = status.get("error")
-                return result
 
-    def run(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> Result:
-        """Run a shell command; return its Result. TimeoutError after killing it."""
+    def run(
+        self,
+        command: str,
+        stdin: bytes = b"",
+        timeout: float | None = None,
+        output_limit: int | None = None,
+    ) -> Result:
+        """Run a shell command; return its Result. After killing it: TimeoutError past timeout
+        seconds, LimitExceeded past output_limit bytes of output."""
         request = self._request_id()
         self._send(pack(EXEC, request, encode_json({"cmd": command})))
         # Input is sent while output is read: a command's output may fill every pipe on the way
@@ -471,33 +596,61 @@ class Session:
         sender.start()
         deadline = time.monotonic() + timeout if timeout else None
         try:
-            return self._collect(request, Result(), deadline)
-        except TimeoutError:
-            self._send(pack(KILL, request))
+            result = self._collect(request, Result(), deadline, limit=output_limit)
+        except (TimeoutError, LimitExceeded):
+            self._kill(request)
             raise
-        finally:
-            sender.join(0 if deadline else None)
+        sender.join(0 if deadline else None)
+        return result
 
     def _send_input(self, request: int, stdin: bytes) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, ChannelError):
             for start in range(0, len(stdin), CHUNK):
                 self._send(pack(STDIN, request, stdin[start : start + CHUNK]))
             self._send(pack(STDIN, request))
 
-    def put(self, source: BinaryIO, path: str) -> Result:
-        """Stream a local file object to path in the qube (atomic rename); return Result."""
+    def put(self, source: BinaryIO, path: str, timeout: float | None = None) -> Result:
+        """Stream a local file object to path in the qube (atomic rename); return Result.
+        TimeoutError past timeout seconds, after the partial file was removed in the qube."""
         request = self._request_id()
+        deadline = time.monotonic() + timeout if timeout else None
         self._send(pack(PUT, request, encode_json({"path": path})))
-        for chunk in iter(lambda: source.read(CHUNK), b""):
-            self._send(pack(DATA, request, chunk))
-        self._send(pack(DATA, request))
-        return self._collect(request, Result(), None)
+        # Sent by a thread of its own, like a command's input: the deadline holds even while a
+        # write waits on the qube, and an early answer (it cannot write the file) is seen.
+        sender = threading.Thread(target=self._send_file, args=(request, source))
+        sender.daemon = True
+        sender.start()
+        try:
+            result = self._collect(request, Result(), deadline)
+        except TimeoutError:
+            self._kill(request)
+            raise
+        sender.join(0 if deadline else None)
+        return result
 
-    def fetch(self, path: str, sink: Callable[[bytes], object]) -> Result:
-        """Stream a file of the qube into sink(bytes); return Result."""
+    def _send_file(self, request: int, source: BinaryIO) -> None:
+        with contextlib.suppress(OSError, ValueError, ChannelError):
+            for chunk in iter(lambda: source.read(CHUNK), b""):
+                self._send(pack(DATA, request, chunk))
+            self._send(pack(DATA, request))
+
+    def fetch(
+        self,
+        path: str,
+        sink: Callable[[bytes], object],
+        timeout: float | None = None,
+        limit: int | None = None,
+    ) -> Result:
+        """Stream a file of the qube into sink(bytes); return Result. After stopping it:
+        TimeoutError past timeout seconds, LimitExceeded past limit bytes."""
         request = self._request_id()
+        deadline = time.monotonic() + timeout if timeout else None
         self._send(pack(FETCH, request, encode_json({"path": path})))
-        return self._collect(request, Result(), None, sink)
+        try:
+            return self._collect(request, Result(), deadline, sink, limit)
+        except (TimeoutError, LimitExceeded):
+            self._kill(request)
+            raise
 
 
 # -- multiplexer (on the controller) ---------------------------------------------------------------
@@ -551,9 +704,11 @@ class Multiplexer:
             self.clients -= 1
             self.client_locks.pop(client, None)
             self.last_activity = time.monotonic()
-        for _key, agent_request in abandoned:
-            # A client that went away (a killed worker) leaves no command running in the qube.
-            self.transport.writer.send(KILL, agent_request)
+        # A client that went away (a killed worker) leaves no command running in the qube; a
+        # stream that cannot take the kill is already being torn down (see Transport.send_bytes).
+        with contextlib.suppress(OSError, ChannelError):
+            for _key, agent_request in abandoned:
+                self.transport.writer.send(KILL, agent_request)
         client.close()
 
     def _serve_agent(self) -> None:
@@ -646,13 +801,20 @@ def run_multiplexer(spec: dict[str, Any], notify_fd: int) -> int:
             "ok": False,
             "message": str(failure),
             "returncode": failure.returncode,
-            "stderr": failure.stderr.decode("utf-8", "replace"),
+            "stderr": failure.stderr[-REPORTED_STDERR:].decode("utf-8", "replace"),
         }
-        os.write(notify_fd, encode_json(report) + b"\n")
+        with contextlib.suppress(OSError):
+            os.write(notify_fd, encode_json(report) + b"\n")
         return 1
-    listener = _listen(spec["socket"])
-    os.write(notify_fd, encode_json({"ok": True}) + b"\n")
-    os.close(notify_fd)
+    try:
+        listener = _listen(spec["socket"])
+        os.write(notify_fd, encode_json({"ok": True}) + b"\n")
+        os.close(notify_fd)
+    except OSError:
+        # The client went away while the stream started (an interrupted run): end the stream
+        # rather than leave it behind.
+        transport.kill()
+        return 1
     Multiplexer(transport, listener, spec["idle"]).serve(spec["socket"])
     return 0
 

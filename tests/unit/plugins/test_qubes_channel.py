@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,7 +34,7 @@ ODD_NAMES = [
 @pytest.fixture
 def session() -> Iterator[channel.Session]:
     transport = channel.Transport(["bash"], timeout=30)
-    yield channel.Session(transport.send_bytes, transport.reader)
+    yield channel.Session(transport.send_bytes, transport.reader, transport.kill)
     transport.close()
 
 
@@ -84,20 +85,21 @@ def test_fetch_of_a_missing_file_names_it(session: channel.Session, tmp_path: Pa
     assert f"{tmp_path / 'absent'}" in str(result.error)
 
 
+def _ended(pid: int) -> bool:
+    """Whether the process exits (or is a zombie) within a generous 10 seconds."""
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    return True
+
+
 def test_timeout_kills_the_whole_command(session: channel.Session, tmp_path: Path) -> None:
     pid_file = tmp_path / "child"
     with pytest.raises(TimeoutError):
         session.run(f"sleep 300 & echo $! > {pid_file}; wait", timeout=1)
-    child = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    state = (
-        Path(f"/proc/{child}/stat").read_text().split()[2]
-        if Path(f"/proc/{child}").exists()
-        else "gone"
-    )
-    assert state in ("gone", "Z")
+    assert _ended(int(pid_file.read_text()))
     assert bytes(session.run("echo next").stdout) == b"next\n"
 
 
@@ -129,6 +131,109 @@ def test_exit_information_must_be_a_json_object() -> None:
         channel.decode_json(b"[1, 2]")
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 200_000,
+        b'{"rc": 1e999, "error": null}',
+        b'{"rc": "0", "error": null}',
+        b'{"rc": true, "error": null}',
+        b'{"rc": 1099511627776, "error": null}',
+        b'{"rc": 0, "error": 5}',
+        b'{"rc": 0, "error": "\\ud800"',
+        b"\xff\xfe",
+    ],
+    ids=[
+        "nested",
+        "huge-float",
+        "text-rc",
+        "bool-rc",
+        "out-of-range",
+        "error-type",
+        "cut",
+        "bytes",
+    ],
+)
+def test_exit_frames_of_any_shape_are_a_channel_error(payload: bytes) -> None:
+    """Whatever the qube puts in an EXIT frame ends as ChannelError, never as another exception."""
+    read_end, write_end = os.pipe()
+    writer = threading.Thread(
+        target=os.write, args=(write_end, channel.pack(channel.EXIT, 1, payload))
+    )
+    writer.start()
+    session = channel.Session(lambda _frame: None, channel.Reader(read_end), lambda: None)
+    with pytest.raises(channel.ChannelError, match="malformed message from the qube"):
+        session.run("true")
+    writer.join()
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_output_beyond_the_limit_kills_the_command(
+    session: channel.Session, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    with pytest.raises(channel.LimitExceeded):
+        session.run(f"echo $$ > {pid_file}; exec yes", output_limit=1 << 20)
+    assert _ended(int(pid_file.read_text()))
+    assert bytes(session.run("echo next").stdout) == b"next\n"
+
+
+def test_fetch_beyond_the_limit_is_stopped(session: channel.Session, tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(3 * channel.CHUNK))
+    received = bytearray()
+    with pytest.raises(channel.LimitExceeded):
+        session.fetch(str(big), received.extend, limit=channel.CHUNK)
+    assert len(received) <= channel.CHUNK
+    assert bytes(session.run("echo next").stdout) == b"next\n"
+
+
+def _silent_after_handshake() -> list[str]:
+    """A peer that answers the handshake, then never reads its input again (a hostile qube)."""
+    size = len(channel.bootstrap_line(channel.agent_source()) + channel.agent_source())
+    return ["sh", "-c", f"head -c {size} >/dev/null; printf 'QUBES-CHANNEL 1\\n'; exec sleep 300"]
+
+
+def test_a_kill_is_never_held_behind_a_blocked_writer() -> None:
+    transport = channel.Transport(_silent_after_handshake(), timeout=60)
+    session = channel.Session(transport.send_bytes, transport.reader, transport.kill)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        session.run("cat", stdin=b"x" * (16 << 20), timeout=1)
+    assert time.monotonic() - started < 20  # well under the transport's 60 s write limit
+    assert transport.process.poll() is not None  # the stream was torn down
+
+
+def test_a_qube_that_stops_reading_loses_the_stream() -> None:
+    transport = channel.Transport(_silent_after_handshake(), timeout=1)
+    with pytest.raises(channel.ChannelError, match="left its input unread for 1 seconds"):
+        transport.send_bytes(b"x" * (16 << 20))
+    assert transport.process.poll() is not None
+
+
+def test_a_garbage_handshake_is_refused_and_its_stream_killed() -> None:
+    started = time.monotonic()
+    with pytest.raises(channel.ConnectFailure, match="something else than the agent"):
+        channel.Transport(["sh", "-c", "echo NOT-THE-AGENT-AT-ALL; exec sleep 300"], timeout=30)
+    assert time.monotonic() - started < 20
+
+
+def test_a_failed_handshake_ends_within_the_timeout_even_if_the_stream_lingers() -> None:
+    """The stream closes its output but does not exit: it is killed at the deadline."""
+    started = time.monotonic()
+    with pytest.raises(channel.ConnectFailure) as failure:
+        channel.Transport(["sh", "-c", "exec >&-; exec sleep 300"], timeout=2)
+    assert failure.value.returncode is None
+    assert time.monotonic() - started < 20
+
+
+def test_printable_drops_terminal_escapes_and_bounds_the_text() -> None:
+    shown = channel.printable("\x1b]0;title\x07\x1b[2Jfake \u2603" + "x" * 1000, 50)
+    assert shown == "x" * 50
+    assert channel.printable("\x1b[31mred\r\n", 100) == "?[31mred?\n"
+
+
 def _start_multiplexer(tmp_path: Path, idle: float) -> tuple[subprocess.Popen[bytes], str]:
     path = str(tmp_path / "control" / "socket")
     spec = {"command": ["bash"], "socket": path, "idle": idle, "timeout": 30}
@@ -146,7 +251,7 @@ def _start_multiplexer(tmp_path: Path, idle: float) -> tuple[subprocess.Popen[by
 def _client(path: str) -> channel.Session:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
-    return channel.Session(client.sendall, channel.Reader(client.fileno()))
+    return channel.Session(client.sendall, channel.Reader(client.fileno()), client.close)
 
 
 def test_multiplexer_serves_concurrent_clients_over_one_agent(tmp_path: Path) -> None:

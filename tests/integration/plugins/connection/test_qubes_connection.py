@@ -172,7 +172,7 @@ def test_admin_qube_stream_runs_tasks_when_policy_allows(
     policy(f"qubes.VMShell * {admin} {target} allow")
     transport = channel.Transport(_stream_through(admin, target), timeout=60)
     try:
-        session = channel.Session(transport.send_bytes, transport.reader)
+        session = channel.Session(transport.send_bytes, transport.reader, transport.kill)
         result = session.run("hostname; id -un")
         assert bytes(result.stdout).split() == [target.encode(), b"user"]
     finally:
@@ -188,7 +188,8 @@ def test_admin_qube_stream_refused_by_policy_is_told_apart(
     policy(f"qubes.VMShell * {admin} {target} deny")
     with pytest.raises(channel.ConnectFailure) as failure:
         channel.Transport(_stream_through(admin, target), timeout=60)
+    # From an admin qube there is no qvm-check: the verdict rests on the exit code alone.
     reason = describe_failure(
-        target, failure.value.returncode, failure.value.stderr.decode(), autostart=True
+        target, failure.value.returncode, failure.value.stderr.decode(), True, None
     )
     assert reason == f"qrexec policy refused the shell service to qube {target!r}"
