@@ -54,9 +54,9 @@ def _printable(text: str) -> str:
     return re.sub(r"[^\x20-\x7e\n]", "?", text)[-ERROR_SHOWN:].strip()
 
 
-def _git(repository: str, timeout: float, *arguments: str) -> subprocess.CompletedProcess[str]:
+def _run_git(repository: str, timeout: float, *arguments: str) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(
+        return subprocess.run(
             ["git", "-C", repository, *arguments],
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -67,6 +67,10 @@ def _git(repository: str, timeout: float, *arguments: str) -> subprocess.Complet
         )
     except subprocess.TimeoutExpired:
         raise PublishError(f"git {arguments[0]} took more than {timeout} seconds") from None
+
+
+def _git(repository: str, timeout: float, *arguments: str) -> subprocess.CompletedProcess[str]:
+    result = _run_git(repository, timeout, *arguments)
     if result.returncode != 0:
         raise PublishError(f"git {arguments[0]} failed: {_printable(result.stderr)}")
     return result
@@ -94,15 +98,7 @@ def signer(status: str) -> str | None:
 
 
 def _require_trusted_tip(repository: str, tip: str, logs_key: str, timeout: float) -> None:
-    verified = subprocess.run(
-        ["git", "-C", repository, "verify-commit", "--raw", tip],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=timeout,
-        check=False,
-    )
+    verified = _run_git(repository, timeout, "verify-commit", "--raw", tip)
     if not logs_key or signer(verified.stderr) != logs_key.upper():
         raise PublishError(
             f"the logs repository's remote tip {tip[:12]} is not signed by the logs key"
@@ -128,9 +124,7 @@ def _rebase(repository: str, tip: str, timeout: float) -> None:
     try:
         _git(repository, timeout, "rebase", "--quiet", "--gpg-sign", tip)
     except PublishError:
-        subprocess.run(
-            ["git", "-C", repository, "rebase", "--abort"], capture_output=True, check=False
-        )
+        _run_git(repository, timeout, "rebase", "--abort")
         raise
 
 
