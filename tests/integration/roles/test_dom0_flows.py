@@ -126,6 +126,16 @@ def verify() -> subprocess.CompletedProcess[str]:
     return ansible("ansible-playbook", "-i", SIMULATED_INVENTORY, "playbooks/verify.yml")
 
 
+def verify_with_rule(rule: str) -> subprocess.CompletedProcess[str]:
+    """verify.yml while a policy file before the infrastructure's adds one wrong rule."""
+    tamper = Path("/etc/qubes/policy.d/10-qubesim-tamper.policy")
+    tamper.write_text(f"{rule}\n")
+    try:
+        return verify()
+    finally:
+        tamper.unlink()
+
+
 def test_verify_playbook_passes_on_the_converged_host(converged: None) -> None:
     result = verify()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -133,12 +143,7 @@ def test_verify_playbook_passes_on_the_converged_host(converged: None) -> None:
 
 
 def test_verify_playbook_names_the_first_wrong_flow(converged: None) -> None:
-    tamper = Path("/etc/qubes/policy.d/10-qubesim-tamper.policy")
-    tamper.write_text("qubes.Gpg * build-kernel keys-fedora allow\n")
-    try:
-        result = verify()
-    finally:
-        tamper.unlink()
+    result = verify_with_rule("qubes.Gpg * build-kernel keys-fedora allow")
     assert result.returncode != 0
     assert (
         "wrong flow: build-kernel -> keys-fedora qubes.Gpg must be refused,"
@@ -149,12 +154,7 @@ def test_verify_playbook_names_the_first_wrong_flow(converged: None) -> None:
 def test_verify_playbook_fails_when_build_log_goes_to_the_wrong_qube(converged: None) -> None:
     """A real dom0's qrexec-policy-exec allows a redirected BuildLog without saying where it goes;
     verify.yml must find out (from the policy and qvm-ls) and fail."""
-    tamper = Path("/etc/qubes/policy.d/10-qubesim-tamper.policy")
-    tamper.write_text("qubesbuilder.BuildLog * build-fedora dom0 allow target=keys-fedora\n")
-    try:
-        result = verify()
-    finally:
-        tamper.unlink()
+    result = verify_with_rule("qubesbuilder.BuildLog * build-fedora dom0 allow target=keys-fedora")
     assert result.returncode != 0
     assert (
         "wrong flow: build-fedora -> dom0 qubesbuilder.BuildLog must be allowed to build-logs,"

@@ -108,6 +108,22 @@ def inventory(tmp_path: Path, qubes: list[str], **variables: object) -> str:
     return str(write_inventory(tmp_path / "hosts.yml", qubes, **variables))
 
 
+def adhoc(
+    tmp_path: Path,
+    qubes: list[str],
+    module: str,
+    arguments: str | dict[str, object] | None = None,
+    *,
+    path: str | None = None,
+    **variables: object,
+) -> Run:
+    """One module on the qubes (`ansible all -m MODULE -a ARGUMENTS`), guarded."""
+    argv = ["ansible", "-i", inventory(tmp_path, qubes, **variables), "all", "-m", module]
+    if arguments is not None:
+        argv += ["-a", arguments if isinstance(arguments, str) else json.dumps(arguments)]
+    return guarded(*argv, path=path)
+
+
 def processes_naming(name: str) -> list[str]:
     """Command lines on this host that mention name (a qube's unique name)."""
     found = []
@@ -265,17 +281,13 @@ def test_a_transfer_to_a_qube_that_stops_reading_times_out(
     make_hostile(hostile, "deaf-on-put")
     source = tmp_path / "big"
     source.write_bytes(b"x" * (32 * MIB))
-    result = guarded(
-        "ansible",
-        "-i",
-        inventory(
-            tmp_path, [hostile], ansible_qubes_transfer_timeout=3, ansible_qubes_connect_timeout=60
-        ),
-        "all",
-        "-m",
+    result = adhoc(
+        tmp_path,
+        [hostile],
         "ansible.builtin.copy",
-        "-a",
-        json.dumps({"src": str(source), "dest": "/tmp/big"}),
+        {"src": str(source), "dest": "/tmp/big"},
+        ansible_qubes_transfer_timeout=3,
+        ansible_qubes_connect_timeout=60,
     )
     assert result.returncode != 0, result.output
     assert f"to qube '{hostile}' took more than 3 seconds (transfer_timeout)" in result.output
@@ -287,16 +299,7 @@ def test_an_endless_output_flood_ends_the_task_under_default_settings(
 ) -> None:
     hostile = new_qube()
     make_hostile(hostile, "flood-output")
-    result = guarded(
-        "ansible",
-        "-i",
-        inventory(tmp_path, [hostile]),
-        "all",
-        "-m",
-        "ansible.builtin.command",
-        "-a",
-        "true",
-    )
+    result = adhoc(tmp_path, [hostile], "ansible.builtin.command", "true")
     assert result.returncode == 2, result.output
     assert (
         f"command in qube '{hostile}' returned more than 64 MiB of output (output_limit)"
@@ -311,15 +314,12 @@ def test_an_endless_fetch_stops_at_its_limit_and_leaves_no_file(
     hostile = new_qube()
     make_hostile(hostile, "flood-fetch")
     destination = tmp_path / "fetched"
-    result = guarded(
-        "ansible",
-        "-i",
-        inventory(tmp_path, [hostile], ansible_qubes_fetch_limit=16),
-        "all",
-        "-m",
+    result = adhoc(
+        tmp_path,
+        [hostile],
         "ansible.builtin.fetch",
-        "-a",
-        json.dumps({"src": "/etc/hostname", "dest": f"{destination}/", "flat": True}),
+        {"src": "/etc/hostname", "dest": f"{destination}/", "flat": True},
+        ansible_qubes_fetch_limit=16,
     )
     assert result.returncode == 2, result.output
     assert f"/etc/hostname in qube '{hostile}' is larger than 16 MiB (fetch_limit)" in result.output
@@ -333,9 +333,7 @@ def test_malformed_frames_make_the_qube_unreachable(
 ) -> None:
     hostile = new_qube()
     make_hostile(hostile, mode)
-    result = guarded(
-        "ansible", "-i", inventory(tmp_path, [hostile]), "all", "-m", "ansible.builtin.ping"
-    )
+    result = adhoc(tmp_path, [hostile], "ansible.builtin.ping")
     assert result.returncode == 4, result.output
     assert f"qube '{hostile}': malformed message from the qube" in result.output
     assert "Traceback" not in result.output
@@ -346,16 +344,7 @@ def test_error_text_from_the_qube_reaches_the_operator_printable(
 ) -> None:
     hostile = new_qube()
     make_hostile(hostile, "escapes-on-put")
-    result = guarded(
-        "ansible",
-        "-i",
-        inventory(tmp_path, [hostile]),
-        "all",
-        "-m",
-        "ansible.builtin.copy",
-        "-a",
-        json.dumps({"content": "x", "dest": "/tmp/x"}),
-    )
+    result = adhoc(tmp_path, [hostile], "ansible.builtin.copy", {"content": "x", "dest": "/tmp/x"})
     assert result.returncode == 2, result.output
     assert "?[31mFORGED" in result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
@@ -366,9 +355,7 @@ def test_stderr_at_connect_is_quoted_not_believed(
 ) -> None:
     hostile = new_qube()
     make_hostile(hostile, "lying-stderr")
-    result = guarded(
-        "ansible", "-i", inventory(tmp_path, [hostile]), "all", "-m", "ansible.builtin.ping"
-    )
+    result = adhoc(tmp_path, [hostile], "ansible.builtin.ping")
     assert result.returncode == 4, result.output
     assert f"could not reach qube '{hostile}' (exit 1); it said: " in result.output
     assert "does not exist" not in result.output
@@ -388,14 +375,12 @@ def test_halted_qube_is_told_apart_when_the_transport_says_nothing(
     silent = shims / "qvm-run"
     silent.write_text(f'#!/bin/sh\nexec {shutil.which("qvm-run")} "$@" 2>/dev/null\n')
     silent.chmod(0o755)
-    result = guarded(
-        "ansible",
-        "-i",
-        inventory(tmp_path, [qube], ansible_qubes_autostart=False),
-        "all",
-        "-m",
+    result = adhoc(
+        tmp_path,
+        [qube],
         "ansible.builtin.ping",
         path=f"{shims}:{os.environ['PATH']}",
+        ansible_qubes_autostart=False,
     )
     assert result.returncode == 4, result.output
     assert f"qube '{qube}' is not running and autostart is off" in result.output
