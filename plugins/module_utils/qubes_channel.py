@@ -591,12 +591,26 @@ class Session:
         self._send(pack(EXEC, request, encode_json({"cmd": command})))
         # Input is sent while output is read: a command's output may fill every pipe on the way
         # before it reads all its input.
-        sender = threading.Thread(target=self._send_input, args=(request, stdin))
+        deadline = time.monotonic() + timeout if timeout else None
+        return self._exchange(
+            request, lambda: self._send_input(request, stdin), deadline, output_limit
+        )
+
+    def _exchange(
+        self,
+        request: int,
+        send: Callable[[], None],
+        deadline: float | None,
+        limit: int | None = None,
+    ) -> Result:
+        """Send a request's data from a thread of its own while its answer is collected, so the
+        deadline holds even while a write waits on the qube. The request is killed when the
+        deadline or the limit is passed."""
+        sender = threading.Thread(target=send)
         sender.daemon = True
         sender.start()
-        deadline = time.monotonic() + timeout if timeout else None
         try:
-            result = self._collect(request, Result(), deadline, limit=output_limit)
+            result = self._collect(request, Result(), deadline, limit=limit)
         except (TimeoutError, LimitExceeded):
             self._kill(request)
             raise
@@ -615,18 +629,8 @@ class Session:
         request = self._request_id()
         deadline = time.monotonic() + timeout if timeout else None
         self._send(pack(PUT, request, encode_json({"path": path})))
-        # Sent by a thread of its own, like a command's input: the deadline holds even while a
-        # write waits on the qube, and an early answer (it cannot write the file) is seen.
-        sender = threading.Thread(target=self._send_file, args=(request, source))
-        sender.daemon = True
-        sender.start()
-        try:
-            result = self._collect(request, Result(), deadline)
-        except TimeoutError:
-            self._kill(request)
-            raise
-        sender.join(0 if deadline else None)
-        return result
+        # An early answer (it cannot write the file) is seen while the data is still being sent.
+        return self._exchange(request, lambda: self._send_file(request, source), deadline)
 
     def _send_file(self, request: int, source: BinaryIO) -> None:
         with contextlib.suppress(OSError, ValueError, ChannelError):
