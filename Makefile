@@ -12,8 +12,10 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 QUBESIM := $(BIN)/qubesim
 # Debian packages the simulator and the tests run on (qubesim builds its template from this root;
-# openssh-server serves the logs repository in the signing-chain tests).
-APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg openssh-server
+# openssh-server serves the logs repository in the signing-chain tests; tinyproxy is the updates
+# proxy of sys-net).
+APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg openssh-server \
+  tinyproxy
 # The pip that ansible-test (ansible-core 2.19) seeds its virtualenvs with: it looks for
 # ~/.ansible/test/cache/get_pip_24_2.py before downloading get-pip from the internet.
 ANSIBLE_TEST_PIP := 24.2
@@ -43,9 +45,14 @@ test: lint sanity unit integration
 bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK)
 
 # apt runs only when a package is missing, so that reruns stay fast.
+# The packages' services are for the simulated qubes: policy-rc.d keeps them from starting on
+# this machine (where they would hold the ports the qubes use).
 apt:
 	@installed=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -cx installed || true); \
 	if [ "$$installed" -ne $(words $(APT_PACKAGES)) ]; then \
+	  guard=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$guard ]; then printf '#!/bin/sh\nexit 101\n' > $$guard; chmod 755 $$guard; \
+	    trap "rm -f $$guard" EXIT; fi; \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(APT_PACKAGES); \
 	fi
 

@@ -12,6 +12,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -60,11 +61,44 @@ class BootSpec:
     qrexec_dir: str  # dom0's qrexec socket directory, mounted read-only at /run/qubesim
     isolated_network: bool
     qubesdb: dict[str, str]
-    services: list[str]
 
     @property
     def owns_root(self) -> bool:
         return self.klass in ("TemplateVM", "StandaloneVM")
+
+
+# The services a qube runs unless qubesdb's /qubes-service/NAME says otherwise, by its
+# /qubes-vm-type (qubes-core-agent-linux, vm-systemd/qubes-sysinit.sh).
+_COMMON_SERVICES = ("meminfo-writer", "software-rendering")
+_APPVM_SERVICES = ("qubes-update-check", "tracker", "evolution-data-server", *_COMMON_SERVICES)
+DEFAULT_SERVICES = {
+    "NetVM": (
+        *("network-manager", "qubes-network", "qubes-update-check", "qubes-updates-proxy"),
+        *("qubes-firewall", *_COMMON_SERVICES),
+    ),
+    "ProxyVM": ("qubes-network", "qubes-firewall", "qubes-update-check", *_COMMON_SERVICES),
+    "AppVM": _APPVM_SERVICES,
+    "TemplateVM": (*_APPVM_SERVICES, "updates-proxy-setup"),
+}
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+SERVICE_PREFIX = "/qubes-service/"
+
+# The package managers' proxy settings of a qube with updates-proxy-setup (qubes-core-agent-linux,
+# network/update-proxy-configs): everything goes to the forwarder on the qube's own loopback.
+UPDATES_PROXY = "http://127.0.0.1:8082/"
+APT_PROXY_FILE = "/etc/apt/apt.conf.d/01qubes-proxy"
+DNF_CONFIG = "/etc/dnf/dnf.conf"
+QUBES_BLOCK = ("### QUBES BEGIN ###", "### QUBES END ###")
+
+
+def enabled_services(qubesdb: dict[str, str]) -> list[str]:
+    """The defaults of the qube's type, then each well-formed /qubes-service/NAME = 0|1."""
+    enabled = set(DEFAULT_SERVICES.get(qubesdb.get("/qubes-vm-type", ""), _COMMON_SERVICES))
+    for key, value in qubesdb.items():
+        name = key.removeprefix(SERVICE_PREFIX)
+        if key.startswith(SERVICE_PREFIX) and _SERVICE_NAME.fullmatch(name) and value in "01":
+            (enabled.add if value == "1" else enabled.discard)(name)
+    return sorted(enabled)
 
 
 def dropped_capabilities(isolated_network: bool) -> dict[str, int]:
@@ -170,7 +204,7 @@ def _write_identity(spec: BootSpec, root: Path) -> None:
         path.write_text(value)
     services = root / "run/qubes-service"
     services.mkdir()
-    for service in spec.services:
+    for service in enabled_services(spec.qubesdb):
         (services / service).touch()
 
 
@@ -225,6 +259,54 @@ def _make_directory(path: str, mode: str, owner: str, group: str) -> None:
         uid = pwd.getpwnam(owner).pw_uid if owner != "-" else 0
         gid = grp.getgrnam(group).gr_gid if group != "-" else 0
         os.chown(path, uid, gid)
+
+
+def _service_enabled(name: str) -> bool:
+    return Path("/run/qubes-service", name).exists()
+
+
+def _start_daemon(name: str, argv: list[str]) -> None:
+    """A service the qube's init keeps running, its output in /var/log/qubes/NAME.log."""
+    os.makedirs("/var/log/qubes", exist_ok=True)
+    with open(f"/var/log/qubes/{name}.log", "ab") as log, contextlib.suppress(OSError):
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
+
+
+def _write_proxy_settings(use_proxy: bool) -> None:
+    """apt's and dnf's proxy, set or cleared as update-proxy-configs does at every start."""
+    if os.path.isdir(os.path.dirname(APT_PROXY_FILE)):
+        if use_proxy:
+            Path(APT_PROXY_FILE).write_text(
+                "# Written at every start of the qube: the updates proxy, over qrexec.\n"
+                f'Acquire::http::Proxy "{UPDATES_PROXY}";\nAcquire::tor::proxy "{UPDATES_PROXY}";\n'
+            )
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(APT_PROXY_FILE)
+    if Path(DNF_CONFIG).exists():
+        begin, end = QUBES_BLOCK
+        text = Path(DNF_CONFIG).read_text()
+        head, _, rest = text.partition(f"{begin}\n")
+        tail = rest.partition(f"{end}\n")[2] if rest else ""
+        entry = f"proxy={UPDATES_PROXY}\n" if use_proxy else ""
+        Path(DNF_CONFIG).write_text(f"{head}{begin}\n{entry}{end}\n{tail}")
+
+
+def _start_updates_proxy() -> None:
+    """The updates proxy in the qube that serves it (tinyproxy), or the settings and forwarder
+    that send a template's downloads to it (vm-systemd/qubes-updates-proxy.service,
+    qubes-updates-proxy-forwarder.socket and their conditions)."""
+    serves = _service_enabled("qubes-updates-proxy")
+    uses = _service_enabled("updates-proxy-setup") or _service_enabled("yum-proxy-setup")
+    _write_proxy_settings(uses)
+    if serves:
+        _start_daemon(
+            "qubes-updates-proxy",
+            ["/usr/bin/tinyproxy", "-d", "-c", "/etc/tinyproxy/tinyproxy-updates.conf"],
+        )
+    elif uses:
+        forwarder = "/usr/lib/qubes/qubes-updates-proxy-forwarder"
+        _start_daemon("qubes-updates-proxy-forwarder", [forwarder])
 
 
 def _run_rc_local() -> None:
@@ -300,6 +382,7 @@ def run(spec: BootSpec, ready_fd: int) -> None:
     signal.signal(signal.SIGTERM, _request_shutdown)
     try:
         boot(spec)
+        _start_updates_proxy()
         _run_rc_local()
     except _Shutdown:
         os._exit(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from qubesim import daemon, dom0, template, world
 from qubesim.errors import QubesimError
@@ -12,6 +13,16 @@ from qubesim.layout import Layout
 from qubesim.model import Database, State
 from qubesim.runtime import Runtime
 from qubesim.tools import TOOL_NAMES
+
+# Qubes' own policy for what qubesim models of it (qubes-core-admin, qubes-rpc-policy/
+# 90-default.policy): templates download packages through the updates proxy of sys-net.
+DEFAULT_POLICY = Path("/etc/qubes/policy.d/90-default.policy")
+DEFAULT_POLICY_RULES = """\
+## Default policy of a Qubes installation (the part that qubesim models).
+
+qubes.UpdatesProxy      *   @type:TemplateVM        @default    allow target=sys-net
+qubes.UpdatesProxy      *   @anyvm                  @anyvm      deny
+"""
 
 # The service qubes of a default Qubes installation: name, label, netvm.
 SERVICE_QUBES = (
@@ -35,6 +46,8 @@ def initialise(layout: Layout) -> list[str]:
     database = Database(layout)
     database.create()
     _write_tool_shims(layout)
+    if not DEFAULT_POLICY.exists():
+        DEFAULT_POLICY.write_text(DEFAULT_POLICY_RULES)
     template_name = template.host_template_name()
     created = []
     with database.transaction() as state:

@@ -25,6 +25,17 @@ _PERSISTENCE = {"TemplateVM": "full", "StandaloneVM": "full", "AppVM": "rw-only"
 QREXEC_EXEC = "/usr/lib/qubes/qubesim-exec"
 
 
+def qubesdb_vm_type(state: State, name: str) -> str:
+    """What qubesdb's /qubes-vm-type tells a qube it is, which picks the services it runs by
+    default (qubes-core-admin, qubes/ext/r3compatibility.py, on_domain_qdb_create)."""
+    klass = state.qube(name)["klass"]
+    if klass == "TemplateVM":
+        return klass
+    if state.provides_network(name):
+        return "ProxyVM" if state.get_property(name, "netvm") is not None else "NetVM"
+    return "AppVM"
+
+
 class QubeInUse(QubesimError):
     """qubesd's QubesVMInUseError: other running qubes depend on this one."""
 
@@ -98,7 +109,7 @@ class Runtime:
         }
         qubesdb = {
             "/name": name,
-            "/qubes-vm-type": record["klass"],
+            "/qubes-vm-type": qubesdb_vm_type(state, name),
             "/qubes-vm-persistence": _PERSISTENCE[record["klass"]],
             "/qubes-vm-updateable": str(state.get_property(name, "updateable")),
             "/default-user": state.get_property(name, "default_user"),
@@ -117,7 +128,6 @@ class Runtime:
             qrexec_dir=str(self.layout.qrexec_socket_dir),
             isolated_network=state.network_isolated(name),
             qubesdb=qubesdb,
-            services=sorted(service for service, value in services.items() if value),
         )
 
     def _boot(self, spec: BootSpec) -> Running:

@@ -50,7 +50,30 @@ GUEST_FILES = {
     "etc/qubes-rpc/qubes.VMRootShell": ("qubes.VMShell", 0o755),
     "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),
     "etc/sudoers.d/qubes": ("sudoers", 0o440),
+    "usr/lib/qubes/qubesim-tcp-service": ("qubesim-tcp-service", 0o755),
+    "usr/lib/qubes/qubes-updates-proxy-forwarder": ("qubes-updates-proxy-forwarder", 0o755),
+    "etc/tinyproxy/tinyproxy-updates.conf": ("tinyproxy-updates.conf", 0o644),
+    "etc/qubes/rpc-config/qubes.UpdatesProxy": ("rpc-config-updates-proxy", 0o644),
 }
+# Guest services that qrexec reaches as TCP services (symlinks to /dev/tcp/HOST/PORT).
+GUEST_LINKS = {
+    # The updates qube's proxy: its tinyproxy, on its own loopback.
+    "etc/qubes-rpc/qubes.UpdatesProxy": "/dev/tcp/127.0.0.1/8082",
+}
+# The Qubes packages whose files qubesim installs, registered with dpkg as installed, as they
+# are in Qubes' templates (so a package module sees them): name -> their files among GUEST_FILES.
+QUBES_PACKAGES = {
+    "qubes-gpg-split": (
+        "usr/bin/qubes-gpg-client",
+        "usr/bin/qubes-gpg-client-wrapper",
+        "etc/qubes-rpc/qubes.Gpg",
+        "etc/qubes-rpc/qubes.GpgImportKey",
+        "etc/profile.d/qubes-gpg.sh",
+        "usr/lib/tmpfiles.d/qubes-gpg-split.conf",
+    ),
+}
+QUBES_PACKAGE_VERSION = "2.0+qubesim1"
+DPKG_STATUS = "var/lib/dpkg/status"
 REQUIRED_HOST_PROGRAMS = (
     "/bin/bash",
     "/usr/bin/sudo",
@@ -147,9 +170,43 @@ def install_guest_files(root: Path) -> None:
             path.write_bytes(content)
         os.chmod(path, mode)
         os.chown(path, 0, 0)
+    for destination, target in GUEST_LINKS.items():
+        path = root / destination
+        if os.path.islink(path) and os.readlink(path) == target:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        path.symlink_to(target)
     for directory in USR_LOCAL_DIRECTORIES:
         (root / "usr/local" / directory).mkdir(mode=0o755, exist_ok=True)
     _ensure_user(root)
+    _register_packages(root)
+
+
+def _register_packages(root: Path) -> None:
+    """Record QUBES_PACKAGES in the template's dpkg database, once (on a dpkg system)."""
+    status = root / DPKG_STATUS
+    if not status.exists():
+        return
+    text = status.read_text()
+    registered = {
+        line.removeprefix("Package: ") for line in text.splitlines() if line.startswith("Package: ")
+    }
+    separator = "" if text.endswith("\n\n") or not text else "\n"
+    for package, files in QUBES_PACKAGES.items():
+        if package in registered:
+            continue
+        (root / f"var/lib/dpkg/info/{package}.list").write_text(
+            "".join(f"/{path}\n" for path in files)
+        )
+        with status.open("a") as database:
+            database.write(
+                f"{separator}Package: {package}\nStatus: install ok installed\nPriority: optional\n"
+                f"Section: admin\nMaintainer: qubesim\nArchitecture: all\n"
+                f"Version: {QUBES_PACKAGE_VERSION}\n"
+                f"Description: {package} as the simulated Qubes host provides it\n\n"
+            )
+        separator = ""
 
 
 def _rewrite_entries(path: Path, dropped: Callable[[list[str]], bool], new_entry: str) -> set[str]:
