@@ -23,7 +23,7 @@ COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
 NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
-.PHONY: help demo test bootstrap apt lint sanity unit integration bench clean
+.PHONY: help demo test bootstrap apt template-packages lint sanity unit integration bench clean
 
 help:
 	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host) and one build"
@@ -42,19 +42,31 @@ demo: bootstrap
 
 test: lint sanity unit integration
 
-bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK)
+bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK) template-packages
 
 # apt runs only when a package is missing, so that reruns stay fast.
 # The packages' services are for the simulated qubes: policy-rc.d keeps them from starting on
 # this machine (where they would hold the ports the qubes use).
+define apt_install
+installed=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(1) 2>/dev/null | grep -cx installed || true); \
+if [ "$$installed" -ne $$(echo $(1) | wc -w) ]; then \
+  guard=/usr/sbin/policy-rc.d; \
+  if [ ! -e $$guard ]; then printf '#!/bin/sh\nexit 101\n' > $$guard; chmod 755 $$guard; \
+    trap "rm -f $$guard" EXIT; fi; \
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1); \
+fi
+endef
+
 apt:
-	@installed=$$(dpkg-query -W -f='$${db:Status-Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -cx installed || true); \
-	if [ "$$installed" -ne $(words $(APT_PACKAGES)) ]; then \
-	  guard=/usr/sbin/policy-rc.d; \
-	  if [ ! -e $$guard ]; then printf '#!/bin/sh\nexit 101\n' > $$guard; chmod 755 $$guard; \
-	    trap "rm -f $$guard" EXIT; fi; \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(APT_PACKAGES); \
-	fi
+	@$(call apt_install,$(APT_PACKAGES))
+
+# The Debian packages the templates role gives qubesim's template, installed on this machine
+# first (qubesim's template is made from its root), so that tests need not download them; Qubes'
+# own packages (qubes-*) come with qubesim's template.
+TEMPLATE_PACKAGES = $(shell $(BIN)/python -c 'import yaml; kinds = yaml.safe_load(open("roles/templates/defaults/main.yml"))["templates_packages"]; print(*sorted({name for kind in kinds.values() for name in kind["Debian"] if not name.startswith("qubes-")}))')
+
+template-packages: $(VENV)/.installed
+	@$(call apt_install,$(TEMPLATE_PACKAGES))
 
 $(VENV)/.installed: pyproject.toml | apt
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)

@@ -135,8 +135,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             ("build", infrastructure.build_template),
             ("keys", infrastructure.keys_template),
             ("logs", infrastructure.logs_template),
+            ("net", infrastructure.net_template),
         ):
-            kinds.setdefault(template, []).append(kind)
+            if template:
+                kinds.setdefault(template, []).append(kind)
         for template, template_kinds in kinds.items():
             self._add(
                 template,

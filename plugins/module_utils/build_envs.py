@@ -44,6 +44,9 @@ DEFAULTS = {
     "build_infra_logs_template": "fedora-43-xfce",
     "build_infra_build_netvm": "sys-whonix",
     "build_infra_logs_netvm": "sys-firewall",
+    # The template of build_infra_netvm, given the net qube's packages (webhooks, ssh proxy); ""
+    # leaves that template alone (the net qube is not ours: its template may serve others).
+    "build_infra_net_template": "",
     "build_infra_remote_hosts": {},
     "build_infra_envs": {},
 }
@@ -101,6 +104,7 @@ class Infrastructure:
     logs_template: str
     build_netvm: str
     logs_netvm: str
+    net_template: str = ""
     remote_hosts: dict[str, dict[str, str]] = field(default_factory=dict)
     envs: tuple[Env, ...] = ()
 
@@ -275,6 +279,8 @@ def _check_distinct(infrastructure: Infrastructure) -> None:
         infrastructure.keys_template: "build_infra_keys_template",
         infrastructure.logs_template: "build_infra_logs_template",
     }
+    if infrastructure.net_template:
+        service.setdefault(infrastructure.net_template, "build_infra_net_template")
     for env in infrastructure.envs:
         other = owners.get(env.logs) or service.get(env.logs)
         if other:
@@ -296,6 +302,8 @@ def load(variables: dict[str, Any]) -> Infrastructure:
         "build_infra_logs_netvm",
     ):
         qube_name(values[key], key)
+    if values["build_infra_net_template"]:
+        qube_name(values["build_infra_net_template"], "build_infra_net_template")
     envs = _mapping(values["build_infra_envs"], "build_infra_envs")
     infrastructure = Infrastructure(
         netvm=values["build_infra_netvm"],
@@ -304,6 +312,7 @@ def load(variables: dict[str, Any]) -> Infrastructure:
         logs_template=values["build_infra_logs_template"],
         build_netvm=values["build_infra_build_netvm"],
         logs_netvm=values["build_infra_logs_netvm"],
+        net_template=values["build_infra_net_template"] or "",
         remote_hosts=_remote_hosts(values["build_infra_remote_hosts"]),
         envs=tuple(
             _env(name, value) for name, value in sorted(envs.items(), key=lambda i: str(i[0]))

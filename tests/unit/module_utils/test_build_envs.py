@@ -133,6 +133,14 @@ def with_env(**env: Any) -> dict[str, Any]:
             "build_infra_build_template: qube name 'fedora 43'",
         ),
         ({"build_infra_envs": ["fedora"]}, "build_infra_envs: must be a mapping"),
+        (
+            {"build_infra_net_template": "debian 12"},
+            "build_infra_net_template: qube name 'debian 12'",
+        ),
+        (
+            {"build_infra_net_template": "build-fedora", **with_env()},
+            "build_infra_net_template: 'build-fedora' is also the build qube of env 'fedora'",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(variables: dict[str, Any], message: str) -> None:

@@ -75,6 +75,8 @@ def test_example_inventory_hosts_groups_and_vars() -> None:
 def test_qubesim_variant_uses_the_simulator_template() -> None:
     data = listing(ROOT / "inventory/qubesim/build_infra.yml")
     assert sorted(data["templates"]["hosts"]) == ["debian-12"]
+    kinds = data["_meta"]["hostvars"]["debian-12"]["build_infra_template_kinds"]
+    assert kinds == ["build", "keys", "logs", "net"]
 
 
 def test_graph_shows_the_environments() -> None:

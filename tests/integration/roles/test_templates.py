@@ -1,0 +1,94 @@
+"""The templates role on qubesim: a converged template is left alone without any download; a
+missing package comes through Qubes' updates proxy (the template has no network), and the running
+qubes of the infrastructure based on the template are restarted to see it, never the net qube."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.integration.conftest import as_root, audit_since, run_tool, site
+
+TEMPLATE = "debian-12"
+# A small package (no dependencies beyond libc) that this machine does not have.
+NEW_PACKAGE = "hello"
+
+
+def templates(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return site("--tags", "templates", *arguments)
+
+
+def running(qube: str) -> bool:
+    return run_tool("qvm-check", "--running", qube, check=False).returncode == 0
+
+
+def recap(output: str, host: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith(f"{host} "))
+
+
+@pytest.fixture(scope="module")
+def converged() -> None:
+    first = site("--tags", "dom0,templates")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+
+def test_a_converged_template_changes_nothing_and_downloads_nothing(converged: None) -> None:
+    started = datetime.now(UTC)
+    again = templates("--diff")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "changed=0" in recap(again.stdout, TEMPLATE)
+    checked = templates("--check", "--diff")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "changed=0" in recap(checked.stdout, TEMPLATE)
+    calls = [entry for entry in audit_since(started) if entry["service"] == "qubes.UpdatesProxy"]
+    assert calls == []
+
+
+def test_packages_unknown_for_a_kind_are_refused(converged: None) -> None:
+    refused = site("--tags", "templates", "-e", json.dumps({"templates_packages": {"build": {}}}))
+    assert refused.returncode != 0
+    assert "templates_packages describes only build" in refused.stdout
+
+
+def test_a_new_package_comes_through_the_proxy_and_reaches_restarted_qubes(
+    converged: None,
+) -> None:
+    lacking = subprocess.run(["dpkg-query", "-W", NEW_PACKAGE], capture_output=True, check=False)
+    assert lacking.returncode != 0, f"this machine has {NEW_PACKAGE}: the test needs one it lacks"
+    for qube in ("build-fedora", "sys-net"):
+        run_tool("qvm-start", "--skip-if-running", qube)
+        as_root(qube, "touch /tmp/before-the-update")
+    run_tool("qvm-shutdown", "--wait", "keys-kernel")
+    started = datetime.now(UTC)
+    extra = json.dumps({"templates_extra_packages": [NEW_PACKAGE]})
+    try:
+        updated = templates("-e", extra)
+        assert updated.returncode == 0, updated.stdout + updated.stderr
+        assert "changed=0" not in recap(updated.stdout, TEMPLATE)
+
+        calls = [e for e in audit_since(started) if e["service"] == "qubes.UpdatesProxy"]
+        assert calls, "the package did not come through qubes.UpdatesProxy"
+        assert {(e["source"], e["actual_target"], e["decision"]) for e in calls} == {
+            (TEMPLATE, "sys-net", "allow")
+        }
+        status = as_root(TEMPLATE, f"dpkg-query -W -f='${{Status}}' {NEW_PACKAGE}").stdout
+        assert status == "install ok installed"
+
+        # The build qube was restarted (its root is new) and runs the package; the net qube
+        # was not touched, only named; a halted qube stays halted.
+        assert running("build-fedora")
+        assert as_root("build-fedora", "test -e /tmp/before-the-update", check=False).returncode
+        hello = run_tool("qvm-run", "--pass-io", "build-fedora", NEW_PACKAGE)
+        assert hello.stdout == "Hello, world!\n"
+        assert as_root("sys-net", "test -e /tmp/before-the-update", check=False).returncode == 0
+        assert "restart that qube when it suits you" in updated.stdout
+        assert not running("keys-kernel")
+
+        again = templates("-e", extra)
+        assert "changed=0" in recap(again.stdout, TEMPLATE)
+    finally:
+        as_root(TEMPLATE, f"dpkg --purge {NEW_PACKAGE}", check=False)
+        run_tool("qvm-shutdown", "--wait", TEMPLATE, check=False)
