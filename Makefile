@@ -21,14 +21,16 @@ APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gn
 ANSIBLE_TEST_PIP := 24.2
 COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
-NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
+NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
-.PHONY: help demo test bootstrap apt template-packages lint sanity unit integration bench clean
+.PHONY: help demo test bootstrap apt template-packages lint sanity unit integration molecule bench \
+  clean
 
 help:
 	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host) and one build"
 	@echo "make test   - lint, sanity, unit and integration tests"
-	@echo "make lint | sanity | unit | integration - one test layer"
+	@echo "make lint | sanity | unit | integration | molecule - one test layer"
+	@echo "make molecule SCENARIO=build_vm - one molecule scenario"
 	@echo "make bench  - benchmarks (connection plugin, log path), printed as tables"
 	@echo "make clean  - remove the virtual environment and the simulated host"
 
@@ -40,7 +42,7 @@ demo: bootstrap
 	$(QUBESIM) dom0 -- qvm-ls
 	$(QUBESIM) dom0 -- demo/build-and-verify
 
-test: lint sanity unit integration
+test: lint sanity unit integration molecule
 
 bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK) template-packages
 
@@ -105,6 +107,15 @@ integration: bootstrap
 	$(QUBESIM) dom0 -- pytest tests/integration
 
 # Timing lives here, never in tests: ratios measured side by side in one run.
+# The molecule scenarios (extensions/molecule: one per role and `default`, the whole site) on
+# qubesim's example inventory with the world's variables; SCENARIO=NAME runs one of them.
+molecule: bootstrap
+	$(QUBESIM) init
+	$(QUBESIM) world up
+	$(QUBESIM) dom0 -- env QUBES_INFRA_MOLECULE_INVENTORY=$(CURDIR)/inventory/qubesim/build_infra.yml \
+	  QUBES_INFRA_MOLECULE_VARS="$$($(QUBESIM) world variables)" \
+	  molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
+
 bench: bootstrap
 	$(QUBESIM) init
 	$(QUBESIM) dom0 -- python bench/connection/run.py
