@@ -58,6 +58,19 @@ def site(*arguments: str, inventory: str = SIMULATED_INVENTORY) -> subprocess.Co
     return ansible("ansible-playbook", "-i", inventory, "site.yml", *arguments)
 
 
+def install_artifact(place: Path, bin_directory: Path | None = None) -> Path:
+    """Build the collection's artifact with ansible-galaxy (from bin_directory, or PATH) and
+    install it into an empty collections path under place, which is returned."""
+    galaxy = str(bin_directory / "ansible-galaxy") if bin_directory else "ansible-galaxy"
+    run_tool(galaxy, "collection", "build", "--output-path", str(place), str(ROOT))
+    (artifact,) = place.glob("qubes_infra-build-*.tar.gz")
+    collections = place / "collections"
+    # --force: the checkout's own copy of the collection counts as installed.
+    install = [galaxy, "collection", "install", "--offline", "--force", "-p", str(collections)]
+    run_tool(*install, str(artifact))
+    return collections
+
+
 def run_module(
     module: str, arguments: dict[str, object], *options: str
 ) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, SIMULATED_INVENTORY, run_tool
+from tests.integration.conftest import ROOT, SIMULATED_INVENTORY, install_artifact, run_tool
 
 Variables = dict[str, Any]
 
@@ -126,19 +126,7 @@ def installed_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The collection built as an artifact and installed, with a user's own ansible.cfg that
     knows nothing of this repository's settings. Returns that ansible.cfg."""
     place = tmp_path_factory.mktemp("installed")
-    run_tool("ansible-galaxy", "collection", "build", "--output-path", str(place), str(ROOT))
-    (artifact,) = place.glob("qubes_infra-build-*.tar.gz")
-    collections = place / "collections"
-    run_tool(
-        "ansible-galaxy",
-        "collection",
-        "install",
-        "--offline",
-        "--force",  # the checkout's own copy of the collection counts as installed
-        "-p",
-        str(collections),
-        str(artifact),
-    )
+    collections = install_artifact(place)
     config = place / "ansible.cfg"
     config.write_text(f"[defaults]\ncollections_path = {collections}\n")
     return config
