@@ -61,6 +61,9 @@ class BootSpec:
     qrexec_dir: str  # dom0's qrexec socket directory, mounted read-only at /run/qubesim
     isolated_network: bool
     qubesdb: dict[str, str]
+    # /etc/hosts lines of the outside world's names; only a qube that holds the physical network
+    # (sys-net) gets them, as only it would reach the world's name servers.
+    outside_hosts: str
 
     @property
     def owns_root(self) -> bool:
@@ -196,6 +199,7 @@ def _write_identity(spec: BootSpec, root: Path) -> None:
     (root / "etc/hostname").write_text(f"{spec.name}\n")
     (root / "etc/hosts").write_text(
         f"127.0.0.1\tlocalhost\n127.0.1.1\t{spec.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        + spec.outside_hosts
     )
     database = root / "run/qubesdb"
     for key, value in spec.qubesdb.items():

@@ -18,6 +18,7 @@ from qubesim.guest_init import BootSpec, dropped_capabilities
 from qubesim.layout import Layout
 from qubesim.model import ADMIN_VM, Database, State
 from qubesim.properties import OWN_ROOT
+from qubesim.world import World
 
 START_TIMEOUT_SECONDS = 60
 # What of a qube outlives a shutdown, as qubesdb's /qubes-vm-persistence tells the qube.
@@ -128,7 +129,17 @@ class Runtime:
             qrexec_dir=str(self.layout.qrexec_socket_dir),
             isolated_network=state.network_isolated(name),
             qubesdb=qubesdb,
+            outside_hosts=self._outside_hosts(state, name),
         )
+
+    def _outside_hosts(self, state: State, name: str) -> str:
+        """The world's names, for a qube that provides network and has no netvm: the one that
+        would hold the physical network card and use the outside world's name servers."""
+        if not state.provides_network(name) or state.get_property(name, "netvm") is not None:
+            return ""
+        with contextlib.suppress(FileNotFoundError):
+            return World(self.layout).hosts_file.read_text()
+        return ""
 
     def _boot(self, spec: BootSpec) -> Running:
         spec_json = json.dumps(dataclasses.asdict(spec)).encode()

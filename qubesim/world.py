@@ -7,8 +7,12 @@ release configurations from GitHub. Here, `qubesim world up` provides the same w
 * the logs repository: a bare git repository behind a real sshd, written with a deploy key, its
   history signed by a logs key made for this world;
 * read-only repositories behind `git daemon`: a stand-in for qubes-builder (its `auto-build`
-  streams a build's output to the logs qube and signs the artifact over split-GPG) and the
-  release configurations.
+  streams a build's output to the logs qube, signs the artifact over split-GPG and uploads both)
+  and the release configurations;
+* the upload server: the same sshd on a second port, where an upload key may only put files into
+  the upload area over SFTP. Its name resolves only in the qubes that hold the physical network
+  (sys-net): qubesim adds the world's `hosts` entries to their /etc/hosts at every start, so build
+  qubes reach it only through the ssh proxy in the net qube.
 
 Everything lives under $QUBESIM_HOME/world; `variables.json` there holds the collection's
 variables that point at it (`ansible-playbook -e @...`). Keys and repositories are made once.
@@ -32,6 +36,8 @@ from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 
 SSH_PORT = 10022
+UPLOAD_PORT = 10023
+UPLOAD_HOST = "upload.qubesim.invalid"
 GIT_PORT = 9418
 LOOPBACK = "127.0.0.1"
 LOGS_KEY_UID = "Build logs (qubesim world) <logs@qubesim.invalid>"
@@ -59,6 +65,16 @@ class World:
     @property
     def logs_repository(self) -> Path:
         return self.directory / "git" / "build-logs.git"
+
+    @property
+    def uploads(self) -> Path:
+        """What build qubes uploaded (the upload server's area)."""
+        return self.directory / "uploads"
+
+    @property
+    def hosts_file(self) -> Path:
+        """/etc/hosts entries of the world's names, for the qubes that hold the physical network."""
+        return self.directory / "hosts"
 
     @property
     def variables_file(self) -> Path:
@@ -122,7 +138,9 @@ def _repository(
 def _release_configs(world: World) -> Path:
     configs = world.directory / "files" / "release-configs"
     (configs / "R4.2").mkdir(parents=True)
-    (configs / "R4.2" / "qubes-os-r4.2-host.conf").write_text("RELEASE := 4.2\n")
+    (configs / "R4.2" / "qubes-os-r4.2-host.conf").write_text(
+        f"RELEASE := 4.2\nUPLOAD_HOST := {UPLOAD_HOST}\n"
+    )
     return configs
 
 
@@ -133,15 +151,33 @@ def _builder_files() -> Path:
 def _ssh_keys(world: World) -> None:
     ssh = world.directory / "ssh"
     ssh.mkdir(mode=0o700)
-    for name in ("host_key", "deploy_key"):
+    for name in ("host_key", "deploy_key", "upload_key"):
         world.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / name))
     (ssh / "authorized_keys").write_text((ssh / "deploy_key.pub").read_text())
+    (ssh / "upload_authorized_keys").write_text((ssh / "upload_key.pub").read_text())
+    world.uploads.mkdir(mode=0o755)
+    # The upload port takes the upload key only, and only for SFTP (what scp speaks) in the area.
     (ssh / "sshd_config").write_text(
-        f"Port {SSH_PORT}\nListenAddress {LOOPBACK}\nHostKey {ssh}/host_key\n"
+        f"Port {SSH_PORT}\nPort {UPLOAD_PORT}\nListenAddress {LOOPBACK}\nHostKey {ssh}/host_key\n"
         f"AuthorizedKeysFile {ssh}/authorized_keys\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\n"
-        f"PidFile {world.directory}/sshd.pid\n"
+        f"PidFile {world.directory}/sshd.pid\nSubsystem sftp internal-sftp\n"
+        f"Match LocalPort {UPLOAD_PORT}\n"
+        f"  AuthorizedKeysFile {ssh}/upload_authorized_keys\n"
+        f"  ForceCommand internal-sftp -d {world.uploads}\n"
+        "  AllowTcpForwarding no\n  X11Forwarding no\n  PermitTTY no\n"
     )
+    world.hosts_file.write_text(f"{LOOPBACK}\t{UPLOAD_HOST}\n")
+
+
+def _upload_variables(world: World, host_key: str) -> dict[str, object]:
+    """The upload server as an upload host of the collection, and the build qubes' key for it."""
+    return {
+        "build_infra_remote_hosts": {
+            UPLOAD_HOST: {"user": "root", "host_key": host_key, "port": UPLOAD_PORT}
+        },
+        "build_vm_upload_ssh_key": (world.directory / "ssh" / "upload_key").read_text(),
+    }
 
 
 def make(world: World) -> None:
@@ -171,6 +207,7 @@ def make(world: World) -> None:
         "build_vm_builder_repo_url": f"git://{LOOPBACK}:{GIT_PORT}/qubes-builder.git",
         "build_vm_builder_commit": builder_commit,
         "build_vm_required_keys": [],
+        **_upload_variables(world, host_key),
         "keys_vm_generate_key": True,
     }
     fd = os.open(world.variables_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -203,8 +240,9 @@ def start_sshd(world: World) -> None:
         return
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
     world.run("/usr/sbin/sshd", "-f", str(world.directory / "ssh" / "sshd_config"))
-    if not _listening(SSH_PORT, 30):
-        raise QubesimError(f"world: sshd does not listen on {LOOPBACK}:{SSH_PORT}")
+    for port in (SSH_PORT, UPLOAD_PORT):
+        if not _listening(port, 30):
+            raise QubesimError(f"world: sshd does not listen on {LOOPBACK}:{port}")
 
 
 def start_git_daemon(world: World) -> None:

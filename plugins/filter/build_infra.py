@@ -44,6 +44,11 @@ def build_infra_env(variables: dict[str, Any], name: str) -> dict[str, Any]:
     raise AnsibleFilterError(f"build_infra_envs has no environment {name!r}")
 
 
+def build_infra_ssh_hosts(variables: dict[str, Any]) -> dict[str, int]:
+    """The hosts build qubes may reach over ssh through the net qube, and their ports."""
+    return _infrastructure(variables).ssh_hosts
+
+
 def build_infra_flows(variables: dict[str, Any]) -> list[dict[str, str]]:
     """Every call among the infrastructure's qubes, with the qube it must reach (empty: refused)."""
     return flow_matrix(_infrastructure(variables))
@@ -56,4 +61,5 @@ class FilterModule:
             "build_infra_policy": build_infra_policy,
             "build_infra_env": build_infra_env,
             "build_infra_flows": build_infra_flows,
+            "build_infra_ssh_hosts": build_infra_ssh_hosts,
         }

@@ -52,7 +52,9 @@ DEFAULTS = {
 }
 ENV_KEYS = ("logs", "volume_size", "sign_key", "builders")
 BUILDER_KEYS = ("dir", "release", "config_file", "config_repo", "keys")
-REMOTE_HOST_KEYS = ("user", "host_key")
+REMOTE_HOST_KEYS = ("user", "host_key", "port")
+SSH_PORT = 22
+GITHUB = "github.com"
 DEFAULT_LOGS = "build-logs"
 LABELS = {"build": "green", "keys": "black", "logs": "green"}
 
@@ -105,8 +107,16 @@ class Infrastructure:
     build_netvm: str
     logs_netvm: str
     net_template: str = ""
-    remote_hosts: dict[str, dict[str, str]] = field(default_factory=dict)
+    remote_hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     envs: tuple[Env, ...] = ()
+
+    @property
+    def ssh_hosts(self) -> dict[str, int]:
+        """The hosts build qubes reach over ssh through the net qube, with their ports: GitHub
+        first, then the upload hosts in name order."""
+        ports = {GITHUB: SSH_PORT}
+        ports.update((host, self.remote_hosts[host]["port"]) for host in sorted(self.remote_hosts))
+        return ports
 
     @property
     def logs_vms(self) -> list[str]:
@@ -244,7 +254,13 @@ def _env(name: object, value: object) -> Env:
     )
 
 
-def _remote_hosts(value: object) -> dict[str, dict[str, str]]:
+def _port(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"{where}: {value!r} must be a TCP port, an integer from 1 to 65535")
+    return value
+
+
+def _remote_hosts(value: object) -> dict[str, dict[str, Any]]:
     hosts = _mapping(value, "build_infra_remote_hosts")
     result = {}
     for host, settings in hosts.items():
@@ -261,7 +277,11 @@ def _remote_hosts(value: object) -> dict[str, dict[str, str]]:
             raise ConfigError(
                 f"{where}.host_key: expected 'TYPE BASE64' such as 'ssh-ed25519 AAAA...'"
             )
-        result[host] = {"user": user, "host_key": host_key.strip()}
+        result[host] = {
+            "user": user,
+            "host_key": host_key.strip(),
+            "port": _port(data.get("port", SSH_PORT), f"{where}.port"),
+        }
     return result
 
 
@@ -324,7 +344,6 @@ def load(variables: dict[str, Any]) -> Infrastructure:
 
 # -- dom0 policy -----------------------------------------------------------------------------------
 INFRA_TAG = "qubes-infra-build"
-GITHUB = "github.com"
 INFRA_SERVICES = (
     "qubesbuilder.BuildLog",
     "qubesbuilder.LogReceived",
@@ -360,7 +379,7 @@ def policy_rules(infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = 
             f"qubesbuilder.ProcessGithubCommand * {net} {env.build_vm} allow",
         ]
     rules.append("# ssh to the allowed hosts only, through the net qube.")
-    for host in [GITHUB, *sorted(set(infrastructure.remote_hosts) - {GITHUB})]:
+    for host in infrastructure.ssh_hosts:
         rules += [
             f"local.ConnectSSH +{host} {env.build_vm} {net} allow" for env in infrastructure.envs
         ]
@@ -382,7 +401,6 @@ def expected_flows(infrastructure: Infrastructure) -> dict[tuple[str, str, str],
     """(source, requested target, SERVICE[+ARG]) -> the qube the call runs in, for every call the
     infrastructure needs (the rows of DESIGN.md's diagram)."""
     flows: dict[tuple[str, str, str], str] = {}
-    hosts = [GITHUB, *sorted(set(infrastructure.remote_hosts) - {GITHUB})]
     for env in infrastructure.envs:
         build, keys = env.build_vm, env.keys_vm
         flows[(build, "dom0", "qubesbuilder.BuildLog")] = env.logs
@@ -391,7 +409,7 @@ def expected_flows(infrastructure: Infrastructure) -> dict[tuple[str, str, str],
         flows[(build, "@default", "qubes.Gpg")] = keys
         flows[(infrastructure.netvm, build, "qubesbuilder.TriggerBuild+component")] = build
         flows[(infrastructure.netvm, build, "qubesbuilder.ProcessGithubCommand")] = build
-        for host in hosts:
+        for host in infrastructure.ssh_hosts:
             flows[(build, infrastructure.netvm, f"local.ConnectSSH+{host}")] = infrastructure.netvm
     return flows
 

@@ -9,6 +9,7 @@ import pytest
 from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import ConfigError, load
 
 FPR = "427F11FD0FAA4B080123F01CDDFA1A3E36879494"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"
 EXAMPLE: dict[str, Any] = {
     "build_infra_remote_hosts": {
         "yum.qubes-os.org": {"user": "user", "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"}
@@ -56,6 +57,26 @@ def test_the_qubes_of_the_example() -> None:
     assert qubes["logs-kernel"]["netvm"] == "sys-firewall"
     assert infrastructure.envs[0].sign_key == FPR  # normalised to upper case
     assert infrastructure.remote_hosts["yum.qubes-os.org"]["user"] == "user"
+
+
+def test_upload_hosts_are_reached_on_port_22_unless_they_name_their_own() -> None:
+    hosts = {
+        "yum.qubes-os.org": {"host_key": KEY},
+        "upload.example": {"user": "root", "host_key": KEY, "port": 10023},
+    }
+    infrastructure = load({"build_infra_remote_hosts": hosts})
+    assert infrastructure.remote_hosts["yum.qubes-os.org"] == {
+        "user": "user",
+        "host_key": KEY,
+        "port": 22,
+    }
+    assert infrastructure.remote_hosts["upload.example"]["port"] == 10023
+    # GitHub first (it is always reachable), then the upload hosts by name.
+    assert list(infrastructure.ssh_hosts.items()) == [
+        ("github.com", 22),
+        ("upload.example", 10023),
+        ("yum.qubes-os.org", 22),
+    ]
 
 
 def test_defaults_without_any_variable() -> None:
@@ -127,6 +148,13 @@ def with_env(**env: Any) -> dict[str, Any]:
         (
             {"build_infra_remote_hosts": {"h.example": {"host_key": "AAAA"}}},
             "build_infra_remote_hosts.h.example.host_key: expected 'TYPE BASE64'",
+        ),
+        *(
+            (
+                {"build_infra_remote_hosts": {"h.example": {"host_key": KEY, "port": port}}},
+                f"build_infra_remote_hosts.h.example.port: {port!r} must be a TCP port",
+            )
+            for port in (0, 65536, "2222", True, None)
         ),
         (
             {"build_infra_build_template": "fedora 43"},
