@@ -104,15 +104,6 @@ def secret_keys(qube: str) -> list[str]:
     return [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")]
 
 
-def test_roles_converge_once_and_check_mode_changes_nothing(chain: Chain) -> None:
-    again = chain.play("--diff")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "changed=0" in again.stdout and "changed=1" not in again.stdout
-    checked = chain.play("--check", "--diff")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "changed=1" not in checked.stdout
-
-
 def test_a_log_opens_the_signing_window_of_its_own_keys_qube_only(chain: Chain) -> None:
     for env in ("fedora", "kernel"):
         close_window(f"keys-{env}", f"build-{env}")
