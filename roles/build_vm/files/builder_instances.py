@@ -1,0 +1,249 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The builders of a build qube, as builder-github's qrexec services see them.
+
+Shared by qubesbuilder.TriggerBuild and qubesbuilder.ProcessGithubCommand: the settings the
+build_vm role wrote, the service's own log file, the builders of builders.list (format 1,
+qubes-builder: `rRELEASE=DIR`; format 2, qubes-builderv2: `rRELEASE=DIR=CONFIG`), which
+components a builder knows, and starting one of its actions detached, one at a time per builder.
+
+Only names that passed the callers' grammar checks reach this module; they are still passed as
+single argv elements, never through a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+CONFIG = "/usr/local/etc/qubes-infra-build/build-services.json"
+DEFAULTS: dict[str, Any] = {
+    "builder_version": 1,
+    "builders_list": "~/.config/qubes-builder-github/builders.list",
+    "logs_directory": "~/builder-github-logs",
+    "keyring": "~/.config/qubes-builder-github/trusted-keys-for-commands.gpg",
+    "used_commands": "~/.local/state/qubesbuilder/used-commands.json",
+    "callers": [],
+    "signers": {},
+    "signature_max_age": 86400,
+    "max_used_commands": 10000,
+    "query_timeout": 120,
+}
+PATHS = ("builders_list", "logs_directory", "keyring", "used_commands")
+# A component as qubes-builder names it (and a word of a command, checked before).
+COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# What `make get-var` or `qb config` may print about one builder.
+MAX_QUERY_OUTPUT = 1 << 20
+BUILDERS_LIST_LINE = re.compile(
+    r"^r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+?)(?:=(?P<config>[^=]+))?$"
+)
+
+
+def load_config() -> dict[str, Any]:
+    """The settings the build_vm role wrote; BUILD_SERVICES_CONFIG names another file (tests)."""
+    config = dict(DEFAULTS)
+    with (
+        contextlib.suppress(FileNotFoundError),
+        open(os.environ.get("BUILD_SERVICES_CONFIG", CONFIG), encoding="utf-8") as source,
+    ):
+        config.update(json.load(source))
+    for name in PATHS:
+        config[name] = os.path.expanduser(config[name])
+    return config
+
+
+class ServiceLog:
+    """The call's own log, `<logs directory>/<epoch>-<pid>.log` as builder-github names it:
+    one line per decision, each saying what was asked and why it was refused or started."""
+
+    def __init__(self, directory: str, service: str) -> None:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        self.directory = directory
+        self.base = os.path.join(directory, f"{int(time.time())}-{os.getpid()}")
+        self.service = service
+        self._file: TextIO = open(self.base + ".log", "a", encoding="utf-8")  # noqa: SIM115
+
+    def line(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        self._file.write(f"{stamp} {self.service}: {printable(text)}\n")
+        self._file.flush()
+
+    def action_log(self, name: str, release: str) -> str:
+        return f"{self.base}-{name}-{release}.log"
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Text from outside (arguments, tool output) as one bounded printable line."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:limit]
+
+
+def caller(config: dict[str, Any]) -> str | None:
+    """The qrexec source if the settings allow it (an empty list allows any), else None."""
+    source = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
+    allowed = config["callers"]
+    return source if source and (not allowed or source in allowed) else None
+
+
+@dataclass(frozen=True)
+class Builder:
+    release: str
+    directory: str
+    config_file: str | None = None
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.directory, "builder.lock")
+
+    def base_command(self) -> list[str]:
+        """qubes-builderv2's command line for this builder's configuration."""
+        return [os.path.join(self.directory, "qb"), "--builder-conf", str(self.config_file)]
+
+
+def read_builders(path: str, version: int) -> list[Builder]:
+    """The builders of builders.list whose directory exists; other lines are skipped (the
+    role writes this file, so a line it did not write is ignored rather than trusted)."""
+    builders = []
+    with open(path, encoding="utf-8") as source:
+        for line in source:
+            match = BUILDERS_LIST_LINE.match(line.strip())
+            if not match or (version == 2) != (match["config"] is not None):
+                continue
+            if os.path.isdir(match["dir"]):
+                builders.append(Builder(match["release"], match["dir"], match["config"]))
+    return builders
+
+
+def _query(argv: Sequence[str], timeout: float) -> str:
+    """stdout of a builder's own query command, bounded; empty when it fails."""
+    try:
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if result.returncode != 0:
+        return ""
+    return result.stdout[:MAX_QUERY_OUTPUT].decode("ascii", "replace")
+
+
+def repository_name(url: str) -> str:
+    """qubes-builder's short name of a component's repository: the URL's last element without
+    `.git` and without a `qubes-` prefix."""
+    name = url.strip().rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".git").removeprefix("qubes-")
+
+
+def _v1_components(builder: Builder, timeout: float) -> dict[str, str]:
+    """Component -> short repository name, from qubes-builder's `make get-var` (as
+    qubes-builder-github's TriggerBuild asks it)."""
+    make = ["make", "-s", "-C", builder.directory, "get-var"]
+    names = _query([*make, "GET_VAR=COMPONENTS"], timeout).split()
+    known = {}
+    for name in filter(COMPONENT.match, names):
+        variable = "GIT_URL_" + name.replace("-", "_")
+        known[name] = repository_name(_query([*make, f"GET_VAR={variable}"], timeout))
+    return known
+
+
+def _v2_components(builder: Builder, timeout: float) -> dict[str, str]:
+    """Component -> short repository name, from qubes-builderv2's `qb config get-components`
+    (names, then their URLs in the same order)."""
+    config = [*builder.base_command(), "config", "get-components"]
+    names = _query(config, timeout).split()
+    urls = _query([*config, "--attribute", "url"], timeout).split()
+    if len(urls) != len(names):
+        urls = [""] * len(names)
+    return {
+        name: repository_name(url)
+        for name, url in zip(names, urls, strict=True)
+        if COMPONENT.match(name)
+    }
+
+
+def components(builder: Builder, version: int, timeout: float) -> dict[str, str]:
+    if version == 2:
+        return _v2_components(builder, timeout)
+    return _v1_components(builder, timeout)
+
+
+def find_component(builder: Builder, version: int, wanted: str, timeout: float) -> str | None:
+    """The builder's component that `wanted` names, by its name or by its repository's short
+    name (builder-github matches both), or None."""
+    known = components(builder, version, timeout)
+    if wanted in known:
+        return wanted
+    return next((name for name, repository in known.items() if repository == wanted), None)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of an action, with the variables it adds to the environment."""
+
+    argv: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...] = ()
+
+
+def start_detached(builder: Builder, steps: Sequence[Step], log_path: str) -> int:
+    """Run steps one after the other (stopping at the first failure) in a new session, under
+    the builder's lock (flock(2) on DIR/builder.lock, as qubes-builder-github's `flock -x`:
+    one action at a time per builder, the others wait their turn), output to log_path.
+    Returns the child's pid at once; the qrexec call does not wait for the build."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: it must never return into the caller's code
+        os.setsid()
+        _detach_streams(log_path)
+        os._exit(_run_locked(builder, steps))
+    except BaseException:
+        os._exit(127)
+
+
+def _detach_streams(log_path: str) -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+
+
+def _say(text: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    os.write(1, f"{stamp} {text}\n".encode("ascii", "replace"))
+
+
+def _run_locked(builder: Builder, steps: Sequence[Step]) -> int:
+    with open(builder.lock, "a") as lock:
+        _say(f"waiting for {builder.lock}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _say(f"holding {builder.lock}")
+        for step in steps:
+            _say("running " + " ".join(step.argv))
+            code = subprocess.run(
+                step.argv,
+                cwd=builder.directory,
+                env={**os.environ, **dict(step.environment)},
+                stdin=subprocess.DEVNULL,
+                check=False,
+            ).returncode
+            if code != 0:
+                _say(f"exit {code}: stopping")
+                return code
+        _say("done")
+    return 0
