@@ -4,13 +4,14 @@
 A command is an inline-signed OpenPGP message (as `gpg --clearsign` writes it) whose signed text
 is exactly one line, in qubes-builderv2-github's grammar:
 
-    Upload-component RELEASE COMPONENT COMMIT {current|security-testing} DISTRIBUTIONS
+    Upload-component RELEASE COMPONENT COMMIT {current|security-testing} DISTRIBUTION...
     Build-template RELEASE TEMPLATE TIMESTAMP
     Upload-template RELEASE TEMPLATE VERSION-TIMESTAMP {templates-itl|templates-community}
     Build-iso RELEASE VERSION TIMESTAMP
 
-RELEASE is `rN.M`; COMMIT 40 hex digits; DISTRIBUTIONS `all` or a comma-separated list of
-`host-NAME` / `vm-NAME`; TIMESTAMP is UTC `%Y%m%d%H%M`. Anything else is refused here with the
+RELEASE is `rN.M`; COMMIT 40 hex digits; the distributions are `all` or one or more words
+`host-NAME` / `vm-NAME` (as qubes-builderv2-github's parse-command checks them); TIMESTAMP is UTC
+`%Y%m%d%H%M`. Anything else is refused here with the
 rule it breaks: bounded size, ASCII only, one `Hash:` header, one command line of at most 255
 bytes, one signature block of armour lines.
 """
@@ -35,7 +36,7 @@ RELEASE = re.compile(r"^r[0-9]{1,3}(\.[0-9]{1,3}){1,2}$")
 COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 TEMPLATE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
-DISTRIBUTION = re.compile(r"^(host|vm)-[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DISTRIBUTION = re.compile(r"^(host|vm)-[a-z][A-Za-z0-9_-]{0,63}$")
 TIMESTAMP = re.compile(r"^[0-9]{12}$")
 TEMPLATE_VERSION = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){0,3}-[0-9]{12}$")
 ISO_VERSION = re.compile(r"^[0-9][0-9A-Za-z.-]{0,31}$")
@@ -118,15 +119,14 @@ def _check(rule: re.Pattern[str], value: str, what: str) -> str:
     return value
 
 
-def _distributions(value: str) -> tuple[str, ...]:
-    if value == "all":
+def _distributions(words: list[str]) -> tuple[str, ...]:
+    if words == ["all"]:
         return ("all",)
-    names = tuple(value.split(","))
-    for name in names:
+    for name in words:
         _check(DISTRIBUTION, name, "distribution")
-    if len(set(names)) != len(names):
-        raise Malformed(f"distributions {value!r} name one twice")
-    return names
+    if len(set(words)) != len(words):
+        raise Malformed(f"distributions {' '.join(words)!r} name one twice")
+    return tuple(words)
 
 
 def _one_of(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -141,7 +141,8 @@ def parse_command(line: str) -> Command:
     arity = {"Upload-component": 5, "Build-template": 3, "Upload-template": 4, "Build-iso": 3}
     if kind not in arity:
         raise Malformed(f"unknown command {kind[:40]!r} (known: {', '.join(arity)})")
-    if len(words) != arity[kind]:
+    # Upload-component ends with one or more distributions.
+    if len(words) != arity[kind] and not (kind == "Upload-component" and len(words) > 5):
         raise Malformed(f"{kind} takes {arity[kind]} arguments, not {len(words)}")
     release = _check(RELEASE, words[0], "release")
     if kind == "Upload-component":
@@ -152,7 +153,7 @@ def parse_command(line: str) -> Command:
             component=_check(COMPONENT, words[1], "component"),
             commit=_check(COMMIT, words[2], "commit"),
             repository=_one_of(words[3], COMPONENT_REPOSITORIES, "repository"),
-            distributions=_distributions(words[4]),
+            distributions=_distributions(words[4:]),
         )
     if kind == "Build-template":
         return Command(

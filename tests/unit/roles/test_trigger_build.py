@@ -101,8 +101,8 @@ class Qube:
         return sorted(p for p in self.logs.iterdir() if p.name.count("-") > 1)
 
 
-@pytest.fixture
-def qube(tmp_path: Path) -> Qube:
+def make_qube(tmp_path: Path) -> Qube:
+    """A build qube's home whose services let sys-net call them (builders.list format 1)."""
     home = tmp_path / "home"
     home.mkdir()
     config = tmp_path / "build-services.json"
@@ -119,6 +119,11 @@ def qube(tmp_path: Path) -> Qube:
         )
     )
     return Qube(home, config)
+
+
+@pytest.fixture
+def qube(tmp_path: Path) -> Qube:
+    return make_qube(tmp_path)
 
 
 @pytest.fixture
