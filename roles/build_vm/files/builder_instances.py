@@ -145,46 +145,52 @@ def repository_name(url: str) -> str:
     return name.removesuffix(".git").removeprefix("qubes-")
 
 
-def _v1_components(builder: Builder, timeout: float) -> dict[str, str]:
-    """Component -> short repository name, from qubes-builder's `make get-var` (as
-    qubes-builder-github's TriggerBuild asks it)."""
+def _v1_names(builder: Builder, timeout: float) -> list[str]:
+    make = ["make", "-s", "-C", builder.directory, "get-var", "GET_VAR=COMPONENTS"]
+    return [name for name in _query(make, timeout).split() if COMPONENT.match(name)]
+
+
+def _v1_repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
+    """Each component's GIT_URL_<component> (`-` as `_`), from qubes-builder's `make get-var`,
+    as qubes-builder-github's TriggerBuild asks it."""
     make = ["make", "-s", "-C", builder.directory, "get-var"]
-    names = _query([*make, "GET_VAR=COMPONENTS"], timeout).split()
-    known = {}
-    for name in filter(COMPONENT.match, names):
-        variable = "GIT_URL_" + name.replace("-", "_")
-        known[name] = repository_name(_query([*make, f"GET_VAR={variable}"], timeout))
-    return known
+    return [_query([*make, "GET_VAR=GIT_URL_" + name.replace("-", "_")], timeout) for name in names]
 
 
-def _v2_components(builder: Builder, timeout: float) -> dict[str, str]:
-    """Component -> short repository name, from qubes-builderv2's `qb config get-components`
-    (names, then their URLs in the same order)."""
-    config = [*builder.base_command(), "config", "get-components"]
-    names = _query(config, timeout).split()
-    urls = _query([*config, "--attribute", "url"], timeout).split()
-    if len(urls) != len(names):
-        urls = [""] * len(names)
-    return {
-        name: repository_name(url)
-        for name, url in zip(names, urls, strict=True)
-        if COMPONENT.match(name)
-    }
+def _v2_names(builder: Builder, timeout: float) -> list[str]:
+    command = [*builder.base_command(), "config", "get-components"]
+    return [name for name in _query(command, timeout).split() if COMPONENT.match(name)]
 
 
-def components(builder: Builder, version: int, timeout: float) -> dict[str, str]:
-    if version == 2:
-        return _v2_components(builder, timeout)
-    return _v1_components(builder, timeout)
+def _v2_repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
+    """The components' URLs from qubes-builderv2's `qb config get-components`, in its order."""
+    command = [*builder.base_command(), "config", "get-components", "--attribute", "url"]
+    urls = _query(command, timeout).split()
+    return urls if len(urls) == len(names) else [""] * len(names)
 
 
 def find_component(builder: Builder, version: int, wanted: str, timeout: float) -> str | None:
-    """The builder's component that `wanted` names, by its name or by its repository's short
-    name (builder-github matches both), or None."""
-    known = components(builder, version, timeout)
-    if wanted in known:
+    """The builder's component that `wanted` names, by its name or else by its repository's
+    short name (builder-github matches both), or None."""
+    names = (_v2_names if version == 2 else _v1_names)(builder, timeout)
+    if wanted in names:
         return wanted
-    return next((name for name, repository in known.items() if repository == wanted), None)
+    repositories = (_v2_repositories if version == 2 else _v1_repositories)(builder, names, timeout)
+    return next(
+        (
+            name
+            for name, url in zip(names, repositories, strict=True)
+            if repository_name(url) == wanted
+        ),
+        None,
+    )
+
+
+def ignore_input() -> None:
+    """stdin from /dev/null: nothing more is read from the caller."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
 
 
 @dataclass(frozen=True)
@@ -214,12 +220,10 @@ def start_detached(builder: Builder, steps: Sequence[Step], log_path: str) -> in
 
 
 def _detach_streams(log_path: str) -> None:
-    null = os.open(os.devnull, os.O_RDONLY)
+    ignore_input()
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    os.close(null)
     os.close(log)
 
 

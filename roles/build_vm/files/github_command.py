@@ -27,7 +27,14 @@ import time
 from typing import Any
 
 from builder_actions import NotForThisBuilder, command_steps
-from builder_instances import ServiceLog, caller, load_config, read_builders, start_detached
+from builder_instances import (
+    ServiceLog,
+    caller,
+    ignore_input,
+    load_config,
+    read_builders,
+    start_detached,
+)
 from command_grammar import (
     MAX_MESSAGE_BYTES,
     Command,
@@ -173,7 +180,7 @@ def main() -> int:
         log.line(f"refused: caller {os.environ.get('QREXEC_REMOTE_DOMAIN', '')!r} is not allowed")
         return 1
     data = read_input(sys.stdin.buffer)
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    ignore_input()
     try:
         command, signer, distributions = accept(data, config, int(time.time()))
     except Refused as error:

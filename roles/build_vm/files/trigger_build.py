@@ -22,6 +22,7 @@ from builder_instances import (
     ServiceLog,
     caller,
     find_component,
+    ignore_input,
     load_config,
     printable,
     read_builders,
@@ -44,7 +45,7 @@ def argument(argv: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    ignore_input()
     config = load_config()
     log = ServiceLog(config["logs_directory"], "qubesbuilder.TriggerBuild")
     source = caller(config)
