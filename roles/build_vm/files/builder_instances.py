@@ -85,11 +85,15 @@ def printable(text: str, limit: int = 300) -> str:
     return re.sub(r"[^\x20-\x7e]", "?", text)[:limit]
 
 
-def caller(config: dict[str, Any]) -> str | None:
-    """The qrexec source if the settings allow it (an empty list allows any), else None."""
+def caller(config: dict[str, Any], log: ServiceLog) -> str | None:
+    """The qrexec source if the settings allow it (an empty list allows any); else None, and
+    the refusal is logged. dom0's policy already lets only the net qube call."""
     source = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
     allowed = config["callers"]
-    return source if source and (not allowed or source in allowed) else None
+    if source and (not allowed or source in allowed):
+        return source
+    log.line(f"refused: caller {source!r} is not allowed")
+    return None
 
 
 @dataclass(frozen=True)

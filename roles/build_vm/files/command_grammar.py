@@ -144,38 +144,26 @@ def parse_command(line: str) -> Command:
     # Upload-component ends with one or more distributions.
     if len(words) != arity[kind] and not (kind == "Upload-component" and len(words) > 5):
         raise Malformed(f"{kind} takes {arity[kind]} arguments, not {len(words)}")
-    release = _check(RELEASE, words[0], "release")
+    common = {"kind": kind, "release": _check(RELEASE, words[0], "release"), "line": line}
     if kind == "Upload-component":
         return Command(
-            kind,
-            release,
-            line,
+            **common,
             component=_check(COMPONENT, words[1], "component"),
             commit=_check(COMMIT, words[2], "commit"),
             repository=_one_of(words[3], COMPONENT_REPOSITORIES, "repository"),
             distributions=_distributions(words[4:]),
         )
     if kind == "Build-template":
+        template = _check(TEMPLATE, words[1], "template")
         return Command(
-            kind,
-            release,
-            line,
-            template=_check(TEMPLATE, words[1], "template"),
-            timestamp=_check(TIMESTAMP, words[2], "timestamp"),
+            **common, template=template, timestamp=_check(TIMESTAMP, words[2], "timestamp")
         )
     if kind == "Upload-template":
         return Command(
-            kind,
-            release,
-            line,
+            **common,
             template=_check(TEMPLATE, words[1], "template"),
             version=_check(TEMPLATE_VERSION, words[2], "template version"),
             repository=_one_of(words[3], TEMPLATE_REPOSITORIES, "repository"),
         )
-    return Command(
-        kind,
-        release,
-        line,
-        version=_check(ISO_VERSION, words[1], "iso version"),
-        timestamp=_check(TIMESTAMP, words[2], "timestamp"),
-    )
+    version = _check(ISO_VERSION, words[1], "iso version")
+    return Command(**common, version=version, timestamp=_check(TIMESTAMP, words[2], "timestamp"))

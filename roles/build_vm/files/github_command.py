@@ -21,7 +21,6 @@ release that takes it (builder_actions); its output goes to <same>-<name>-<relea
 from __future__ import annotations
 
 import calendar
-import os
 import sys
 import time
 from typing import Any
@@ -175,9 +174,8 @@ def run(
 def main() -> int:
     config = load_config()
     log = ServiceLog(config["logs_directory"], "qubesbuilder.ProcessGithubCommand")
-    source = caller(config)
+    source = caller(config, log)
     if source is None:
-        log.line(f"refused: caller {os.environ.get('QREXEC_REMOTE_DOMAIN', '')!r} is not allowed")
         return 1
     data = read_input(sys.stdin.buffer)
     ignore_input()

@@ -13,7 +13,6 @@ is a line of ~/builder-github-logs/<epoch>-<pid>.log and each build's output goe
 
 from __future__ import annotations
 
-import os
 import sys
 
 from builder_actions import build_steps
@@ -48,9 +47,8 @@ def main(argv: list[str]) -> int:
     ignore_input()
     config = load_config()
     log = ServiceLog(config["logs_directory"], "qubesbuilder.TriggerBuild")
-    source = caller(config)
+    source = caller(config, log)
     if source is None:
-        log.line(f"refused: caller {os.environ.get('QREXEC_REMOTE_DOMAIN', '')!r} is not allowed")
         return 1
     try:
         wanted = argument(argv)
