@@ -114,7 +114,9 @@ class Builder:
 def read_builders(path: str, version: int) -> list[Builder]:
     """The builders of builders.list whose directory exists; other lines are skipped (the
     role writes this file, so a line it did not write is ignored rather than trusted)."""
-    builders = []
+    builders: list[Builder] = []
+    if not os.path.isfile(path):
+        return builders
     with open(path, encoding="utf-8") as source:
         for line in source:
             match = BUILDERS_LIST_LINE.match(line.strip())
