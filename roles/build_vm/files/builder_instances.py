@@ -107,8 +107,10 @@ class Builder:
         return os.path.join(self.directory, "builder.lock")
 
     def base_command(self) -> list[str]:
-        """qubes-builderv2's command line for this builder's configuration."""
-        return [os.path.join(self.directory, "qb"), "--builder-conf", str(self.config_file)]
+        """qubes-builderv2's command line for this builder's configuration (a relative
+        configuration path is the builder directory's)."""
+        config = os.path.join(self.directory, str(self.config_file))
+        return [os.path.join(self.directory, "qb"), "--builder-conf", config]
 
 
 def read_builders(path: str, version: int) -> list[Builder]:

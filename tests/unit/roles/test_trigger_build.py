@@ -253,7 +253,7 @@ def test_a_build_waits_for_whoever_holds_the_builder_lock(
 QB = """#!/bin/sh
 # qubes-builderv2's qb, far enough: the configuration's components and their URLs; stages recorded.
 here=$(cd "$(dirname "$0")" && pwd)
-[ "$1" = --builder-conf ] && [ "$2" = builder.yml ] || exit 2
+[ "$1" = --builder-conf ] && [ "$2" = "$here/builder.yml" ] || exit 2
 shift 2
 case "$*" in
 "config get-components") printf 'core-admin\\nlinux-kernel\\n' ;;
