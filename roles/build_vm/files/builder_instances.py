@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "query_timeout": 120,
 }
 PATHS = ("builders_list", "logs_directory", "keyring", "used_commands")
-# A component as qubes-builder names it (and a word of a command, checked before).
+# A component name: what TriggerBuild accepts, and what is taken from a builder's list.
 COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # What `make get-var` or `qb config` may print about one builder.
 MAX_QUERY_OUTPUT = 1 << 20
@@ -66,7 +66,6 @@ class ServiceLog:
 
     def __init__(self, directory: str, service: str) -> None:
         os.makedirs(directory, mode=0o750, exist_ok=True)
-        self.directory = directory
         self.base = os.path.join(directory, f"{int(time.time())}-{os.getpid()}")
         self.service = service
         self._file: TextIO = open(self.base + ".log", "a", encoding="utf-8")  # noqa: SIM115
