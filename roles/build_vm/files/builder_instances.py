@@ -1,0 +1,260 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The builders of a build qube, as builder-github's qrexec services see them.
+
+Shared by qubesbuilder.TriggerBuild and qubesbuilder.ProcessGithubCommand: the settings the
+build_vm role wrote, the service's own log file, the builders of builders.list (format 1,
+qubes-builder: `rRELEASE=DIR`; format 2, qubes-builderv2: `rRELEASE=DIR=CONFIG`), which
+components a builder knows, and starting one of its actions detached, one at a time per builder.
+
+Only names that passed the callers' grammar checks reach this module; they are still passed as
+single argv elements, never through a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+CONFIG = "/usr/local/etc/qubes-infra-build/build-services.json"
+DEFAULTS: dict[str, Any] = {
+    "builder_version": 1,
+    "builders_list": "~/.config/qubes-builder-github/builders.list",
+    "logs_directory": "~/builder-github-logs",
+    "keyring": "~/.config/qubes-builder-github/trusted-keys-for-commands.gpg",
+    "used_commands": "~/.local/state/qubesbuilder/used-commands.json",
+    "callers": [],
+    "signers": {},
+    "signature_max_age": 86400,
+    "max_used_commands": 10000,
+    "query_timeout": 120,
+}
+PATHS = ("builders_list", "logs_directory", "keyring", "used_commands")
+# A component name: what TriggerBuild accepts, and what is taken from a builder's list.
+COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# What `make get-var` or `qb config` may print about one builder.
+MAX_QUERY_OUTPUT = 1 << 20
+BUILDERS_LIST_LINE = re.compile(
+    r"^r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+?)(?:=(?P<config>[^=]+))?$"
+)
+
+
+def load_config() -> dict[str, Any]:
+    """The settings the build_vm role wrote; BUILD_SERVICES_CONFIG names another file (tests)."""
+    config = dict(DEFAULTS)
+    with (
+        contextlib.suppress(FileNotFoundError),
+        open(os.environ.get("BUILD_SERVICES_CONFIG", CONFIG), encoding="utf-8") as source,
+    ):
+        config.update(json.load(source))
+    for name in PATHS:
+        config[name] = os.path.expanduser(config[name])
+    return config
+
+
+class ServiceLog:
+    """The call's own log, `<logs directory>/<epoch>-<pid>.log` as builder-github names it:
+    one line per decision, each saying what was asked and why it was refused or started."""
+
+    def __init__(self, directory: str, service: str) -> None:
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        self.base = os.path.join(directory, f"{int(time.time())}-{os.getpid()}")
+        self.service = service
+        self._file: TextIO = open(self.base + ".log", "a", encoding="utf-8")  # noqa: SIM115
+
+    def line(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        self._file.write(f"{stamp} {self.service}: {printable(text)}\n")
+        self._file.flush()
+
+    def action_log(self, name: str, release: str) -> str:
+        return f"{self.base}-{name}-{release}.log"
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Text from outside (arguments, tool output) as one bounded printable line."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:limit]
+
+
+def caller(config: dict[str, Any], log: ServiceLog) -> str | None:
+    """The qrexec source if the settings allow it (an empty list allows any); else None, and
+    the refusal is logged. dom0's policy already lets only the net qube call."""
+    source = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
+    allowed = config["callers"]
+    if source and (not allowed or source in allowed):
+        return source
+    log.line(f"refused: caller {source!r} is not allowed")
+    return None
+
+
+@dataclass(frozen=True)
+class Builder:
+    release: str
+    directory: str
+    config_file: str | None = None
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.directory, "builder.lock")
+
+    def base_command(self) -> list[str]:
+        """qubes-builderv2's command line for this builder's configuration (a relative
+        configuration path is the builder directory's)."""
+        config = os.path.join(self.directory, str(self.config_file))
+        return [os.path.join(self.directory, "qb"), "--builder-conf", config]
+
+
+def read_builders(path: str, version: int) -> list[Builder]:
+    """The builders of builders.list whose directory exists; other lines are skipped (the
+    role writes this file, so a line it did not write is ignored rather than trusted)."""
+    builders: list[Builder] = []
+    if not os.path.isfile(path):
+        return builders
+    with open(path, encoding="utf-8") as source:
+        for line in source:
+            match = BUILDERS_LIST_LINE.match(line.strip())
+            if not match or (version == 2) != (match["config"] is not None):
+                continue
+            if os.path.isdir(match["dir"]):
+                builders.append(Builder(match["release"], match["dir"], match["config"]))
+    return builders
+
+
+def _query(argv: Sequence[str], timeout: float) -> str:
+    """stdout of a builder's own query command, bounded; empty when it fails."""
+    try:
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if result.returncode != 0:
+        return ""
+    return result.stdout[:MAX_QUERY_OUTPUT].decode("ascii", "replace")
+
+
+def repository_name(url: str) -> str:
+    """qubes-builder's short name of a component's repository: the URL's last element without
+    `.git` and without a `qubes-` prefix."""
+    name = url.strip().rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".git").removeprefix("qubes-")
+
+
+def _v1_names(builder: Builder, timeout: float) -> list[str]:
+    make = ["make", "-s", "-C", builder.directory, "get-var", "GET_VAR=COMPONENTS"]
+    return [name for name in _query(make, timeout).split() if COMPONENT.match(name)]
+
+
+def _v1_repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
+    """Each component's GIT_URL_<component> (`-` as `_`), from qubes-builder's `make get-var`,
+    as qubes-builder-github's TriggerBuild asks it."""
+    make = ["make", "-s", "-C", builder.directory, "get-var"]
+    return [_query([*make, "GET_VAR=GIT_URL_" + name.replace("-", "_")], timeout) for name in names]
+
+
+def _v2_names(builder: Builder, timeout: float) -> list[str]:
+    command = [*builder.base_command(), "config", "get-components"]
+    return [name for name in _query(command, timeout).split() if COMPONENT.match(name)]
+
+
+def _v2_repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
+    """The components' URLs from qubes-builderv2's `qb config get-components`, in its order."""
+    command = [*builder.base_command(), "config", "get-components", "--attribute", "url"]
+    urls = _query(command, timeout).split()
+    return urls if len(urls) == len(names) else [""] * len(names)
+
+
+def find_component(builder: Builder, version: int, wanted: str, timeout: float) -> str | None:
+    """The builder's component that `wanted` names, by its name or else by its repository's
+    short name (builder-github matches both), or None."""
+    names = (_v2_names if version == 2 else _v1_names)(builder, timeout)
+    if wanted in names:
+        return wanted
+    repositories = (_v2_repositories if version == 2 else _v1_repositories)(builder, names, timeout)
+    return next(
+        (
+            name
+            for name, url in zip(names, repositories, strict=True)
+            if repository_name(url) == wanted
+        ),
+        None,
+    )
+
+
+def ignore_input() -> None:
+    """stdin from /dev/null: nothing more is read from the caller."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of an action, with the variables it adds to the environment."""
+
+    argv: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...] = ()
+
+
+def start_detached(builder: Builder, steps: Sequence[Step], log_path: str) -> int:
+    """Run steps one after the other (stopping at the first failure) in a new session, under
+    the builder's lock (flock(2) on DIR/builder.lock, as qubes-builder-github's `flock -x`:
+    one action at a time per builder, the others wait their turn), output to log_path.
+    Returns the child's pid at once; the qrexec call does not wait for the build."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: it must never return into the caller's code
+        os.setsid()
+        _detach_streams(log_path)
+        os._exit(_run_locked(builder, steps))
+    except BaseException:
+        os._exit(127)
+
+
+def _detach_streams(log_path: str) -> None:
+    ignore_input()
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
+def _say(text: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    os.write(1, f"{stamp} {text}\n".encode("ascii", "replace"))
+
+
+def _run_locked(builder: Builder, steps: Sequence[Step]) -> int:
+    with open(builder.lock, "a") as lock:
+        _say(f"waiting for {builder.lock}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _say(f"holding {builder.lock}")
+        for step in steps:
+            _say("running " + " ".join(step.argv))
+            code = subprocess.run(
+                step.argv,
+                cwd=builder.directory,
+                env={**os.environ, **dict(step.environment)},
+                stdin=subprocess.DEVNULL,
+                check=False,
+            ).returncode
+            if code != 0:
+                _say(f"exit {code}: stopping")
+                return code
+        _say("done")
+    return 0

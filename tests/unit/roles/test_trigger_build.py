@@ -1,0 +1,281 @@
+"""The build_vm role's qubesbuilder.TriggerBuild, run as qrexec runs it (a process with the
+qrexec environment and the argument), against builder directories on a temp dir: the world's
+stand-in of qubes-builder (its Makefile answers `get-var`) with a builder.conf per test, and an
+auto-build that records what it built and can be held until the test lets it finish."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+FILES = ROOT / "roles/build_vm/files"
+WORLD_BUILDER = ROOT / "qubesim/world_builder"
+TRIGGER = FILES / "trigger_build.py"
+# A build that records itself, then waits until the test creates DIR/release-COMPONENT.
+RECORDING_BUILD = """#!/bin/sh
+here=$(cd "$(dirname "$0")/.." && pwd)
+echo "start $1" >> "$here/built"
+while [ ! -e "$here/release-$1" ]; do sleep 0.05; done
+echo "end $1" >> "$here/built"
+"""
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def wait_for(condition: object, what: str, seconds: float = 60) -> None:
+    """Poll until condition() holds; a generous bound only says the thing never happened."""
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.05)
+
+
+def make_builder(directory: Path, builder_conf: str) -> Path:
+    """The world's stand-in of qubes-builder with this builder.conf and a recording build."""
+    shutil.copytree(WORLD_BUILDER, directory)
+    (directory / "builder.conf").write_text(builder_conf)
+    build = directory / "scripts/auto-build"
+    build.write_text(RECORDING_BUILD)
+    build.chmod(0o755)
+    return directory
+
+
+@dataclass
+class Qube:
+    """A build qube's home on a temp dir: settings, builders.list, logs."""
+
+    home: Path
+    config: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "builder-github-logs"
+
+    def settings(self, **changes: object) -> None:
+        values = json.loads(self.config.read_text())
+        values.update(changes)
+        self.config.write_text(json.dumps(values))
+
+    def builders(self, *lines: str) -> None:
+        (self.home / "builders.list").write_text("".join(f"{line}\n" for line in lines))
+
+    def call(
+        self, program: Path, *argv: str, source: str = "sys-net", data: bytes = b""
+    ) -> subprocess.CompletedProcess[bytes]:
+        environment = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.home),
+            "BUILD_SERVICES_CONFIG": str(self.config),
+            "QREXEC_REMOTE_DOMAIN": source,
+        }
+        return subprocess.run(
+            ["python3", str(program), *argv],
+            input=data,
+            env=environment,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+
+    def decisions(self) -> list[str]:
+        """The services' decision lines, oldest call first."""
+        if not self.logs.is_dir():
+            return []
+        files = sorted(
+            (p for p in self.logs.iterdir() if p.name.count("-") == 1),
+            key=lambda p: (p.stat().st_mtime_ns, p.name),
+        )
+        return [line for path in files for line in path.read_text().splitlines()]
+
+    def action_logs(self) -> list[Path]:
+        return sorted(p for p in self.logs.iterdir() if p.name.count("-") > 1)
+
+
+def make_qube(tmp_path: Path) -> Qube:
+    """A build qube's home whose services let sys-net call them (builders.list format 1)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    config = tmp_path / "build-services.json"
+    config.write_text(
+        json.dumps(
+            {
+                "builder_version": 1,
+                "builders_list": str(home / "builders.list"),
+                "logs_directory": str(home / "builder-github-logs"),
+                "keyring": str(home / "trusted-keys-for-commands.gpg"),
+                "used_commands": str(home / "state/used-commands.json"),
+                "callers": ["sys-net"],
+            }
+        )
+    )
+    return Qube(home, config)
+
+
+@pytest.fixture
+def qube(tmp_path: Path) -> Qube:
+    return make_qube(tmp_path)
+
+
+@pytest.fixture
+def builders(tmp_path: Path, qube: Qube) -> Iterator[tuple[Path, Path]]:
+    """Two builders: one knows core-admin and linux-kernel (from qubes-linux-kernel-latest),
+    the other gui-daemon."""
+    first = make_builder(
+        tmp_path / "builder-a",
+        "COMPONENTS = core-admin linux-kernel\n"
+        "GIT_URL_linux_kernel = https://github.com/QubesOS/qubes-linux-kernel-latest.git\n",
+    )
+    second = make_builder(tmp_path / "builder-b", "COMPONENTS = gui-daemon\n")
+    qube.builders(f"r4.2={first}", f"r4.3={second}")
+    yield first, second
+    # Let every build the test left waiting end, so that no process outlives it.
+    for builder in (first, second):
+        for name in ("core-admin", "linux-kernel", "gui-daemon"):
+            (builder / f"release-{name}").touch()
+
+
+def built(builder: Path) -> list[str]:
+    path = builder / "built"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_build_starts_detached_in_the_builder_that_knows_the_component(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    first, second = builders
+    result = qube.call(TRIGGER, "core-admin")
+    assert result.returncode == 0 and result.stdout == b"", result.stderr
+    # The call returned while the build still waits for the test: it runs detached.
+    wait_for(lambda: built(first) == ["start core-admin"], "the build")
+    assert built(second) == []
+    (first / "release-core-admin").touch()
+    wait_for(lambda: built(first) == ["start core-admin", "end core-admin"], "the end")
+    [decision] = qube.decisions()
+    assert f"build of core-admin started in {first} (release 4.2" in decision
+    [output] = qube.action_logs()
+    assert output.name.endswith("-core-admin-4.2.log")
+    wait_for(lambda: "done" in output.read_text(), "the build's last log line")
+
+
+def test_the_repository_name_finds_its_component(qube: Qube, builders: tuple[Path, Path]) -> None:
+    """qubes-builder-github's TriggerBuild: GIT_URL_<component> basename without qubes-."""
+    first, _ = builders
+    assert qube.call(TRIGGER, "linux-kernel-latest").returncode == 0
+    wait_for(lambda: built(first) == ["start linux-kernel"], "the build of linux-kernel")
+
+
+def test_an_unknown_component_builds_nothing(qube: Qube, builders: tuple[Path, Path]) -> None:
+    first, second = builders
+    assert qube.call(TRIGGER, "core-agent-linux").returncode == 0
+    assert qube.decisions()[-1].endswith("no builder knows core-agent-linux: nothing to build")
+    assert built(first) == built(second) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "rule"),
+    [
+        (["core/admin"], "outside [A-Za-z0-9_-]"),
+        (["core.admin"], "outside [A-Za-z0-9_-]"),
+        (["core admin"], "outside [A-Za-z0-9_-]"),
+        (["core+admin"], "outside [A-Za-z0-9_-]"),
+        (["c" * 65], "of 65 characters"),
+        ([""], "of 0 characters"),
+        ([], "exactly one argument, got 0"),
+        (["core-admin", "gui-daemon"], "exactly one argument, got 2"),
+    ],
+)
+def test_a_bad_argument_never_reaches_a_build(
+    qube: Qube, builders: tuple[Path, Path], argv: list[str], rule: str
+) -> None:
+    result = qube.call(TRIGGER, *argv)
+    assert result.returncode == 1
+    [decision] = qube.decisions()
+    assert "refused from sys-net: malformed argument" in decision and rule in decision
+    assert all(built(builder) == [] for builder in builders)
+
+
+def test_sixty_four_characters_are_a_name(qube: Qube, builders: tuple[Path, Path]) -> None:
+    assert qube.call(TRIGGER, "c" * 64).returncode == 0
+    assert qube.decisions()[-1].endswith("nothing to build")
+
+
+def test_a_caller_other_than_the_net_qube_is_refused(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    result = qube.call(TRIGGER, "core-admin", source="build-kernel")
+    assert result.returncode == 1
+    [decision] = qube.decisions()
+    assert decision.endswith(
+        "qubesbuilder.TriggerBuild: refused: caller 'build-kernel' is not allowed"
+    )
+    assert built(builders[0]) == []
+
+
+def test_one_build_at_a_time_per_builder(qube: Qube, builders: tuple[Path, Path]) -> None:
+    first, _ = builders
+    assert qube.call(TRIGGER, "core-admin").returncode == 0
+    wait_for(lambda: built(first) == ["start core-admin"], "the first build")
+    assert qube.call(TRIGGER, "linux-kernel").returncode == 0
+    second_log = next(p for p in qube.action_logs() if "linux-kernel" in p.name)
+    wait_for(lambda: "waiting for" in second_log.read_text(), "the second build's wait")
+    assert "holding" not in second_log.read_text()
+    assert built(first) == ["start core-admin"]
+    (first / "release-core-admin").touch()
+    wait_for(lambda: built(first)[-1:] == ["start linux-kernel"], "the second build")
+    assert built(first) == ["start core-admin", "end core-admin", "start linux-kernel"]
+
+
+def test_a_build_waits_for_whoever_holds_the_builder_lock(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    """The lock is flock(2) on DIR/builder.lock, the one qubes-builder-github's `flock -x` takes."""
+    first, _ = builders
+    (first / "release-core-admin").touch()
+    with open(first / "builder.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert qube.call(TRIGGER, "core-admin").returncode == 0
+        [output] = qube.action_logs()
+        wait_for(lambda: "waiting for" in output.read_text(), "the wait")
+        assert built(first) == []
+    wait_for(lambda: built(first) == ["start core-admin", "end core-admin"], "the build")
+
+
+QB = """#!/bin/sh
+# qubes-builderv2's qb, far enough: the configuration's components and their URLs; stages recorded.
+here=$(cd "$(dirname "$0")" && pwd)
+[ "$1" = --builder-conf ] && [ "$2" = "$here/builder.yml" ] || exit 2
+shift 2
+case "$*" in
+"config get-components") printf 'core-admin\\nlinux-kernel\\n' ;;
+"config get-components --attribute url")
+    echo https://github.com/QubesOS/qubes-core-admin
+    echo https://github.com/QubesOS/qubes-linux-kernel-latest ;;
+*) echo "$*" >> "$here/built" ;;
+esac
+"""
+
+
+def test_builders_list_2_builds_with_qb(tmp_path: Path, qube: Qube) -> None:
+    """qubes-builderv2-github matches the component by name or repository, then runs the
+    component's package stages with the builder's configuration."""
+    builder = tmp_path / "builder-v2"
+    builder.mkdir()
+    (builder / "qb").write_text(QB)
+    (builder / "qb").chmod(0o755)
+    qube.settings(builder_version=2)
+    qube.builders(f"r4.3={builder}=builder.yml")
+    assert qube.call(TRIGGER, "linux-kernel-latest").returncode == 0
+    wait_for(lambda: built(builder) == ["-c linux-kernel package all"], "the qb build")
+    qube.builders(f"r4.3={builder}")  # a format 1 line in a format 2 list is not a builder
+    assert qube.call(TRIGGER, "core-admin").returncode == 0
+    assert qube.decisions()[-1].endswith("no builder knows core-admin: nothing to build")
