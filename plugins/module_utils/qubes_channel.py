@@ -256,7 +256,11 @@ class Agent:
         self.fetches: dict[int, threading.Event] = {}
 
     def _write_out(self, frame: bytes) -> None:
-        self.stdout.write(frame)
+        # A buffered write may take only part of a large frame (a signal during a write to a
+        # full pipe): the rest follows, or the stream would lose its framing.
+        view = memoryview(frame)
+        while view:
+            view = view[self.stdout.write(view) :]
         self.stdout.flush()
 
     def _finish(self, request: int, code: int, error: str | None = None) -> None:

@@ -284,3 +284,26 @@ def test_multiplexer_exits_when_idle(tmp_path: Path) -> None:
     assert bytes(_client(path).run("echo hi").stdout) == b"hi\n"
     assert process.wait(timeout=30) == 0
     assert not Path(path).exists()
+
+
+class _ShortWrites(io.RawIOBase):
+    """A stream that takes at most 1000 bytes a write, as a buffered pipe may after a signal."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        taken = bytes(data[:1000])
+        self.data.extend(taken)
+        return len(taken)
+
+
+def test_the_agent_writes_whole_frames_through_short_writes() -> None:
+    stream = _ShortWrites()
+    agent = channel.Agent(io.BytesIO(), stream)  # type: ignore[arg-type]
+    payload = os.urandom(5000)
+    agent.writer.send(channel.STDOUT, 7, payload)
+    assert channel.read_frame(io.BytesIO(bytes(stream.data))) == (channel.STDOUT, 7, payload)
