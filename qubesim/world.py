@@ -172,6 +172,7 @@ def make(world: World) -> None:
         "build_vm_builder_commit": builder_commit,
         "build_vm_required_keys": [],
         "keys_vm_generate_key": True,
+        "webhooks_secret": os.urandom(32).hex(),
     }
     fd = os.open(world.variables_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 DEFAULT_PATH = "/usr/local/etc/qubes-infra-build/webhooks.json"
 # GitHub caps webhook payloads at 25 MB.
@@ -24,8 +24,9 @@ class Settings:
     build_vms_list: str
     call_timeout: int
     max_command_bytes: int
-    # Requests nginx answered itself (allow-list, size): the worker keeps this log bounded too.
-    nginx_log_file: str = ""
+    # Append-only logs of the services (nginx's refusals, gunicorn, the worker's errors): the
+    # worker keeps them bounded too.
+    service_logs: tuple[str, ...] = ()
     qrexec_client: str = "qrexec-client-vm"
 
 
@@ -35,6 +36,7 @@ def load(path: str | None = None) -> Settings:
         raw = json.load(stored)
     known = {field.name for field in fields(Settings)}
     settings = Settings(**{key: raw[key] for key in raw if key in known})
+    settings = replace(settings, service_logs=tuple(settings.service_logs))
     if not 0 < settings.max_body <= GITHUB_MAX_PAYLOAD:
         raise ValueError(f"{path}: max_body must be 1..{GITHUB_MAX_PAYLOAD} bytes")
     return settings

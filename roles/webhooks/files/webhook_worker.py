@@ -91,13 +91,14 @@ def deliver(settings: webhook_settings.Settings, event: Event, log: DecisionLog)
     )
 
 
-def bound_nginx_log(settings: webhook_settings.Settings) -> None:
-    """nginx appends (O_APPEND) to its log: copy it aside and empty it when it is too large."""
-    path = settings.nginx_log_file
-    with contextlib.suppress(FileNotFoundError):
-        if path and os.path.getsize(path) > settings.log_max_bytes:
-            shutil.copyfile(path, path + ".1")
-            os.truncate(path, 0)
+def bound_service_logs(settings: webhook_settings.Settings) -> None:
+    """The services append (O_APPEND) to their logs, which they keep open: a log too large is
+    copied aside and emptied in place."""
+    for path in settings.service_logs:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(path) > settings.log_max_bytes:
+                shutil.copyfile(path, path + ".1")
+                os.truncate(path, 0)
 
 
 def well_formed(content: dict[str, str]) -> bool:
@@ -138,7 +139,7 @@ def main() -> int:
     os.write(lock, f"{os.getpid()}\n".encode("ascii"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
-        bound_nginx_log(settings)
+        bound_service_logs(settings)
         spool.remove_stale_temporaries()
         while run_once(settings, spool, log):
             pass
