@@ -13,7 +13,7 @@ export PATH := $(BIN):$(PATH)
 QUBESIM := $(BIN)/qubesim
 # Debian packages the simulator and the tests run on (qubesim builds its template from this root;
 # openssh-server serves the logs repository in the signing-chain tests).
-APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg openssh-server
+APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gnupg openssh-server nginx gunicorn
 # The pip that ansible-test (ansible-core 2.19) seeds its virtualenvs with: it looks for
 # ~/.ansible/test/cache/get_pip_24_2.py before downloading get-pip from the internet.
 ANSIBLE_TEST_PIP := 24.2
@@ -90,6 +90,7 @@ bench: bootstrap
 	$(QUBESIM) init
 	$(QUBESIM) dom0 -- python bench/connection/run.py
 	$(QUBESIM) dom0 -- python bench/signing_chain/run.py
+	$(QUBESIM) dom0 -- python bench/webhooks/run.py
 
 clean:
 	-[ -x $(QUBESIM) ] && $(QUBESIM) destroy
