@@ -9,6 +9,7 @@ import hmac
 import http.client
 import json
 import secrets
+import ssl
 import subprocess
 import time
 import uuid
@@ -56,9 +57,17 @@ class Hooks:
     def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         return site("-e", f"@{self.variables}", "--tags", "dom0,webhooks", *arguments)
 
-    def post(self, route: str, body: bytes, event: str = "push", signature: str | None = None,
-             delivery: str | None = None) -> tuple[int, str]:  # fmt: skip
-        """POST to the net qube's port 80, as GitHub does; the status and the delivery id."""
+    def post(
+        self,
+        route: str,
+        body: bytes,
+        event: str = "push",
+        signature: str | None = None,
+        delivery: str | None = None,
+        connection: http.client.HTTPConnection | None = None,
+    ) -> tuple[int, str]:
+        """POST to the net qube (port 80 unless a connection is given), as GitHub does; the
+        status and the delivery id."""
         delivery = delivery or str(uuid.uuid4())
         if signature is None:
             signature = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
@@ -68,7 +77,7 @@ class Hooks:
             "Content-Type": "application/json",
             "X-Hub-Signature-256": signature,
         }
-        connection = http.client.HTTPConnection("127.0.0.1", 80, timeout=60)
+        connection = connection or http.client.HTTPConnection("127.0.0.1", 80, timeout=60)
         try:
             connection.request("POST", route, body=body, headers=headers)
             response = connection.getresponse()
@@ -302,3 +311,41 @@ def test_a_restart_of_the_net_qube_loses_no_accepted_event(hooks: Hooks) -> None
     delivered_everything_before(hooks)
     for qube in BUILD_QUBES:
         assert set(components) <= set(triggered(qube)), qube
+
+
+def test_tls_and_the_source_allow_list(hooks: Hooks, tmp_path: Path) -> None:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-days", "2", "-keyout", str(tmp_path / "key"), "-out", str(tmp_path / "cert")],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    tls = tmp_path / "tls.json"
+    tls.write_text(json.dumps({"webhooks_port": 8443,
+                               "webhooks_tls_certificate": (tmp_path / "cert").read_text(),
+                               "webhooks_tls_key": (tmp_path / "key").read_text()}))  # fmt: skip
+    context = ssl.create_default_context(cafile=str(tmp_path / "cert"))
+
+    def https() -> http.client.HTTPConnection:
+        return http.client.HTTPSConnection("127.0.0.1", 8443, timeout=60, context=context)
+
+    started = datetime.now(UTC)
+    try:
+        elsewhere = hooks.play(
+            "-e", f"@{tls}", "-e", '{"webhooks_allowed_networks": ["10.0.0.0/8"]}'
+        )
+        assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr
+        body = push("QubesOS/qubes-tls-refused")
+        assert hooks.post(TRIGGER, body, connection=https())[0] == 403
+        here = hooks.play("-e", f"@{tls}", "-e", '{"webhooks_allowed_networks": ["127.0.0.1"]}')
+        assert here.returncode == 0, here.stdout + here.stderr
+        assert hooks.post(TRIGGER, push("QubesOS/qubes-tls-allowed"), connection=https())[0] == 202
+        assert wait_for(lambda: all("tls-allowed" in triggered(qube) for qube in BUILD_QUBES))
+    finally:
+        restored = hooks.play()
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    arguments = {entry["argument"] for entry in net_calls(started)}
+    assert "tls-refused" not in arguments and "tls-allowed" in arguments
+    assert hooks.post(TRIGGER, b"{}", signature="")[0] == 403  # plain HTTP on port 80 again
+    key = as_root(NET, "ls /usr/local/etc/qubes-infra-build").stdout.split()
+    assert "webhooks-tls.key" not in key
