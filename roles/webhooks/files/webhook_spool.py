@@ -120,7 +120,7 @@ class Spool:
             for entry in entries:
                 if entry.is_file() and entry.name.startswith((TRIGGER_PREFIX, COMMAND_PREFIX)):
                     found.append((entry.stat().st_mtime_ns, entry.name))
-        return [name for _, name in sorted(found)]
+        return [entry[1] for entry in sorted(found)]
 
     def take(self) -> Event | None:
         """The next event to deliver, moved to active/ (interrupted deliveries come first).

@@ -3,8 +3,6 @@ WSGI application served by wsgiref (and once by gunicorn on a unix socket, as in
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import http.client
 import json
 import os
@@ -20,6 +18,8 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
+
+from tests.utils import github_webhook
 
 FILES = Path(__file__).resolve().parents[3] / "roles/webhooks/files"
 sys.path.insert(0, str(FILES))
@@ -64,31 +64,15 @@ class Place:
     def log_lines(self) -> list[str]:
         return self.log.read_text().splitlines()
 
-    def post(
-        self,
-        route: str,
-        body: bytes,
-        event: str = "push",
-        signature: str | None = None,
-        delivery: str = "d-1",
-    ) -> tuple[int, str]:
-        sent = {
-            "X-GitHub-Event": event,
-            "X-GitHub-Delivery": delivery,
-            "Content-Type": "application/json",
-            "X-Hub-Signature-256": signature if signature is not None else sign(body),
-        }
+    def post(self, route: str, body: bytes, **options: str) -> tuple[int, str]:
+        """A webhook signed with SECRET (options: event, delivery, signed)."""
+        options.setdefault("delivery", "d-1")
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request("POST", route, body=body, headers=sent)
-            response = connection.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            connection.close()
+        return github_webhook.post(connection, route, body, secret=SECRET, **options)
 
 
 def sign(body: bytes, secret: bytes = SECRET) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    return github_webhook.signature(secret, body)
 
 
 def push(full_name: str) -> bytes:
@@ -128,7 +112,7 @@ def serve(root: Path, **overrides: object) -> Iterator[Place]:
     settings_file = write_settings(root, **overrides)
     application = webhook_receiver.create_application(str(settings_file))
     server = make_server("127.0.0.1", 0, application, WSGIServer, QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield Place(root, settings_file, server.server_port)
@@ -174,7 +158,7 @@ def test_a_signed_push_is_spooled_once_and_repeated_pushes_coalesce(place: Place
 def test_a_missing_or_wrong_signature_is_forbidden_and_nothing_is_spooled(
     place: Place, signature: str
 ) -> None:
-    status, _ = place.post(TRIGGER, push("QubesOS/qubes-core-admin"), signature=signature)
+    status, _ = place.post(TRIGGER, push("QubesOS/qubes-core-admin"), signed=signature)
     assert status == 403
     assert place.spooled() == []
     assert "decision=refused" in place.log_lines()[0]
@@ -277,7 +261,7 @@ def test_a_full_spool_answers_503_and_keeps_what_it_holds(tmp_path: Path) -> Non
 def test_the_log_has_one_line_per_request_and_stays_bounded(tmp_path: Path) -> None:
     for place in serve(tmp_path, log_max_bytes=2000):
         forged = "x FAKE decision=accepted " + "y" * 300
-        place.post(TRIGGER, push("QubesOS/qubes-a"), delivery=forged, signature="bad")
+        place.post(TRIGGER, push("QubesOS/qubes-a"), delivery=forged, signed="bad")
         lines = place.log_lines()
         assert len(lines) == 1 and "FAKE decision" not in lines[0] and len(lines[0]) < 400
         for number in range(40):
