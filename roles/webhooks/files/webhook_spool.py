@@ -73,7 +73,7 @@ class Spool:
         for folder in (self.directory, self.active):
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.is_file() and entry.name != LOCK:
+                    if entry.name.startswith((TRIGGER_PREFIX, COMMAND_PREFIX, TEMPORARY_PREFIX)):
                         count += 1
                         size += entry.stat().st_size
         return count, size
