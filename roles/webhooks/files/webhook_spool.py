@@ -78,10 +78,9 @@ class Spool:
                         size += entry.stat().st_size
         return count, size
 
-    def _write(self, name: str, data: bytes) -> None:
-        """data in the spool as `name`, durably, in one atomic step."""
-        temporary = os.path.join(self.directory, TEMPORARY_PREFIX + secrets.token_hex(8))
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    @staticmethod
+    def _write_file(path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -89,6 +88,11 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _write(self, name: str, data: bytes) -> None:
+        """data in the spool as `name`, durably, in one atomic step."""
+        temporary = os.path.join(self.directory, TEMPORARY_PREFIX + secrets.token_hex(8))
+        self._write_file(temporary, data)
         os.rename(temporary, os.path.join(self.directory, name))
         _fsync_folder(self.directory)
 
@@ -147,6 +151,13 @@ class Spool:
         if not isinstance(content, dict) or not all(isinstance(v, str) for v in content.values()):
             content = {}
         return Event(name, path, content)
+
+    def keep(self, event: Event, content: dict[str, str]) -> None:
+        """Replace an event being delivered by content (what is still owed), atomically."""
+        temporary = os.path.join(self.active, TEMPORARY_PREFIX + secrets.token_hex(8))
+        self._write_file(temporary, json.dumps(content, sort_keys=True).encode("ascii"))
+        os.rename(temporary, event.path)
+        _fsync_folder(self.active)
 
     def done(self, event: Event) -> None:
         os.unlink(event.path)

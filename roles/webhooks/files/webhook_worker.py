@@ -5,7 +5,8 @@ For each event it calls every qube listed in build-vms.list at once, with qrexec
 `qubesbuilder.TriggerBuild+COMPONENT` (stdin empty) or `qubesbuilder.ProcessGithubCommand` (the
 signed command on stdin); each call has a deadline, its output is discarded and its exit code
 logged. The event leaves the spool only after every call ended, so a restart delivers again
-what was interrupted. One worker runs at a time (a lock in the spool).
+what was interrupted; a call that did not reach its qube is made again a few times. One worker
+runs at a time (a lock in the spool).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_BUILD_VMS = 64
 IDLE_SECONDS = 0.2
 WORKER_LOCK = ".worker.lock"
+# Calls that did not reach a build qube are made again, after 1, 2, ... seconds, this many times
+# in all: the worker waits for a qube that restarts, not for one that stays away.
+MAX_ATTEMPTS = 6
+RETRY_SECONDS = 1
 
 
 def build_vms(path: str, log: DecisionLog) -> list[str]:
@@ -73,22 +78,36 @@ def call_all(settings: webhook_settings.Settings, vms: list[str], service: str,
     return results
 
 
-def deliver(settings: webhook_settings.Settings, event: Event, log: DecisionLog) -> None:
+def unreached(code: str) -> bool:
+    """The call never ran the service: qrexec-client-vm's 126 (refused, or the connection to
+    the qube failed, as while this qube or the build qube shuts down), or a signal (not our
+    deadline's) ended it. A service that ran and failed, or hung, is not called again."""
+    return code == "126" or code.startswith("-")
+
+
+def deliver(settings: webhook_settings.Settings, event: Event, log: DecisionLog) -> list[str]:
+    """Call every build qube still owed this event; the qubes the call did not reach."""
     content = event.content
     if content.get("kind") == "trigger":
         service, stdin = "qubesbuilder.TriggerBuild+" + content["component"], b""
     else:
         service, stdin = "qubesbuilder.ProcessGithubCommand", content["command"].encode("ascii")
     vms = build_vms(settings.build_vms_list, log)
+    if "owed" in content:  # an earlier attempt reached the others
+        vms = [vm for vm in vms if vm in content["owed"].split(",")]
     results = call_all(settings, vms, service, stdin)
+    missed = [vm for vm, code in results.items() if unreached(code)]
+    attempt = int(content.get("attempt", "1"))
+    retry = bool(missed) and attempt < MAX_ATTEMPTS
     log.write(
         worker="delivery",
         delivery=content.get("delivery", ""),
         service=service,
         component=content.get("component", ""),
-        decision="delivered",
+        decision="retrying" if retry else "gave-up" if missed else "delivered",
         reason=" ".join(f"{vm}:{code}" for vm, code in results.items()) or "no build qube",
     )
+    return missed if retry else []
 
 
 def bound_service_logs(settings: webhook_settings.Settings) -> None:
@@ -102,6 +121,8 @@ def bound_service_logs(settings: webhook_settings.Settings) -> None:
 
 
 def well_formed(content: dict[str, str]) -> bool:
+    if not content.get("attempt", "1").isdigit():
+        return False
     if content.get("kind") == "trigger":
         return COMPONENT.match(content.get("component", "")) is not None
     return content.get("kind") == "command" and content.get("command", "").isascii()
@@ -118,9 +139,15 @@ def run_once(settings: webhook_settings.Settings, spool: Spool, log: DecisionLog
         return False
     if not well_formed(event.content):
         log.write(worker="spool", decision="dropped", reason=f"unknown event {event.name}")
-    else:
-        deliver(settings, event, log)
-    spool.done(event)
+        spool.done(event)
+        return True
+    missed = deliver(settings, event, log)
+    if not missed:
+        spool.done(event)
+        return True
+    attempt = int(event.content.get("attempt", "1"))
+    spool.keep(event, {**event.content, "owed": ",".join(missed), "attempt": str(attempt + 1)})
+    time.sleep(RETRY_SECONDS * attempt)
     return True
 
 

@@ -303,7 +303,8 @@ def test_an_event_taken_but_not_done_is_delivered_again_after_a_restart(place: P
 @pytest.fixture
 def recorder(tmp_path: Path) -> Path:
     """A stand-in for qrexec-client-vm, which exists only in a qube: it records its arguments
-    and stdin, and stays (sleeps) when the qube it is given is `slow`."""
+    and stdin; for the qube `slow` it hangs, `failing` fails, `flaky` is not reached the first
+    time and `away` never."""
     script = tmp_path / "qrexec-client-vm"
     script.write_text(
         "#!/bin/sh\n"
@@ -311,6 +312,8 @@ def recorder(tmp_path: Path) -> Path:
         f"cat >> {tmp_path}/stdin\n"
         '[ "$2" != slow ] || exec sleep 60\n'
         '[ "$2" != failing ] || exit 3\n'
+        f'[ "$2" != flaky ] || [ -e {tmp_path}/seen ] || {{ touch {tmp_path}/seen; exit 126; }}\n'
+        '[ "$2" != away ] || exit 126\n'
     )
     script.chmod(0o755)
     return script
@@ -384,3 +387,23 @@ def test_gunicorn_serves_the_receiver_on_a_unix_socket(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_call_that_did_not_reach_its_qube_is_made_again_to_that_qube_only(
+    place: Place, recorder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0)
+    (place.root / "build-vms.list").write_text("build-fedora\nflaky\naway\n")
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    raw = json.loads(place.settings_file.read_text())
+    settings = webhook_settings.Settings(**{**raw, "qrexec_client": str(recorder)})
+    spool = Spool(settings.spool_directory, 50, 1 << 20)
+    log = DecisionLog(settings.log_file, 1 << 20)
+    while webhook_worker.run_once(settings, spool, log):
+        pass
+    calls = [line.split()[1] for line in (place.root / "calls").read_text().splitlines()]
+    attempts = webhook_worker.MAX_ATTEMPTS
+    assert sorted(calls) == sorted(["build-fedora", "flaky", "flaky"] + ["away"] * attempts)
+    decisions = [line.split("decision=")[1].split()[0] for line in place.log_lines()[1:]]
+    assert decisions == ["retrying"] * (attempts - 1) + ["gave-up"]
+    assert place.spooled() == [] and list((place.spool / "active").iterdir()) == []
