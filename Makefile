@@ -31,7 +31,7 @@ help:
 	@echo "make test   - lint, sanity, unit and integration tests"
 	@echo "make lint | sanity | unit | integration | molecule - one test layer"
 	@echo "make molecule SCENARIO=build_vm - one molecule scenario"
-	@echo "make bench  - benchmarks (connection plugin, log path), printed as tables"
+	@echo "make bench  - benchmarks (connection plugin, log path, webhook receiver), printed as tables"
 	@echo "make clean  - remove the virtual environment and the simulated host"
 
 demo: bootstrap
@@ -120,6 +120,7 @@ bench: bootstrap
 	$(QUBESIM) init
 	$(QUBESIM) dom0 -- python bench/connection/run.py
 	$(QUBESIM) dom0 -- python bench/signing_chain/run.py
+	$(QUBESIM) dom0 -- python bench/webhooks/run.py
 
 clean:
 	-[ -x $(QUBESIM) ] && $(QUBESIM) destroy

@@ -209,6 +209,7 @@ def make(world: World) -> None:
         "build_vm_required_keys": [],
         **_upload_variables(world, host_key),
         "keys_vm_generate_key": True,
+        "webhooks_secret": os.urandom(32).hex(),
     }
     fd = os.open(world.variables_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:

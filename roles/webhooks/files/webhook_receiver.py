@@ -1,0 +1,221 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The GitHub webhook receiver of the net qube: a WSGI application (standard library only).
+
+Routes as builder-github's: `POST /api/services/trigger_build` (push events: build the pushed
+component) and `POST /api/services/process_comment` (issue comments carrying a signed command).
+Stricter than upstream: the HMAC-SHA256 signature is mandatory and compared in constant time,
+before anything of the body is looked at; the body is bounded; a repository name that is not a
+safe component name is refused here already; and nothing calls a build qube from the request:
+an accepted event is stored durably in the spool (see webhook_spool) before the reply, and the
+worker delivers it. Each request leaves one line in the log with its decision.
+
+Served by gunicorn behind nginx: `gunicorn 'webhook_receiver:create_application()'`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import webhook_settings
+from webhook_log import DecisionLog
+from webhook_spool import Spool, SpoolFull
+
+ROUTES = {
+    "/api/services/trigger_build": "push",
+    "/api/services/process_comment": "issue_comment",
+}
+SIGNATURE_PREFIX = "sha256="
+# What qubesbuilder.TriggerBuild takes as its argument: 1-64 characters, no `/`, `.` or space;
+# here only letters, digits, `_` and `-` (qrexec would turn anything else into `_`).
+COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SIGNED_START = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: "
+SIGNED_END = "\n-----END PGP SIGNATURE-----"
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+@dataclass
+class Outcome:
+    status: int
+    decision: str
+    reason: str
+    component: str = ""
+
+
+class Refused(Exception):
+    def __init__(self, status: int, decision: str, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = Outcome(status, decision, reason)
+
+
+STATUS_TEXT = {
+    200: "OK",
+    202: "Accepted",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def component_of(full_name: object) -> str:
+    """The component of `OWNER/qubes-NAME` (NAME) or `OWNER/NAME`, as upstream derives it;
+    refused unless it is a safe TriggerBuild argument."""
+    if not isinstance(full_name, str) or full_name.count("/") != 1:
+        raise Refused(400, "refused", "repository.full_name is not OWNER/NAME")
+    name = full_name.split("/")[1]
+    component = name.removeprefix("qubes-")
+    if not COMPONENT.match(component):
+        raise Refused(
+            400,
+            "refused",
+            "repository name is not a component name (1-64 letters, digits, _ or -)",
+        )
+    return component
+
+
+def signed_command(body: str) -> str:
+    """The inline-signed message of a comment, cut as builder-github does: trailing blanks of
+    each line dropped, from the first signed-message header to the end of the first
+    signature, with a final newline. Empty when there is none."""
+    text = "\n".join(line.rstrip(" \t\r") for line in body.split("\n"))
+    start = text.find(SIGNED_START)
+    if start < 0:
+        return ""
+    end = text.find(SIGNED_END, start)
+    if end < 0:
+        return ""
+    return text[start : end + len(SIGNED_END)] + "\n"
+
+
+class Receiver:
+    def __init__(self, settings: webhook_settings.Settings, secret: bytes) -> None:
+        if not secret:
+            raise ValueError("the webhook secret is empty")
+        self.settings = settings
+        self.secret = secret
+        self.spool = Spool(
+            settings.spool_directory, settings.spool_max_events, settings.spool_max_bytes
+        )
+        self.log = DecisionLog(settings.log_file, settings.log_max_bytes)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        event = environ.get("HTTP_X_GITHUB_EVENT", "")
+        try:
+            outcome = self.handle(environ, event)
+        except Refused as refused:
+            outcome = refused.outcome
+        self.log.write(
+            source=environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", ""),
+            delivery=environ.get("HTTP_X_GITHUB_DELIVERY", ""),
+            route=environ.get("PATH_INFO", ""),
+            event=event,
+            component=outcome.component,
+            status=str(outcome.status),
+            decision=outcome.decision,
+            reason=outcome.reason,
+        )
+        reply = f"{outcome.decision}: {outcome.reason}\n".encode("ascii", "replace")
+        start_response(
+            f"{outcome.status} {STATUS_TEXT[outcome.status]}",
+            [("Content-Type", "text/plain; charset=us-ascii"), ("Content-Length", str(len(reply)))],
+        )
+        return [reply]
+
+    def handle(self, environ: dict[str, Any], event: str) -> Outcome:
+        wanted = ROUTES.get(environ.get("PATH_INFO", ""))
+        if wanted is None:
+            raise Refused(404, "refused", "unknown service")
+        if environ.get("REQUEST_METHOD") != "POST":
+            raise Refused(405, "refused", "only POST is served")
+        body = self.read_body(environ)
+        self.verify_signature(environ.get("HTTP_X_HUB_SIGNATURE_256", ""), body)
+        if event != wanted:
+            return Outcome(200, "ignored", f"event {event[:40]!r} is not handled here")
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, ValueError):
+            raise Refused(400, "refused", "the body is not JSON") from None
+        if not isinstance(payload, dict):
+            raise Refused(400, "refused", "the body is not a JSON object")
+        delivery = environ.get("HTTP_X_GITHUB_DELIVERY", "")
+        if wanted == "push":
+            return self.trigger(payload, delivery)
+        return self.comment(payload, delivery)
+
+    def read_body(self, environ: dict[str, Any]) -> bytes:
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        if not length_text:
+            raise Refused(411, "refused", "no Content-Length")
+        if not length_text.isdigit():
+            raise Refused(400, "refused", "invalid Content-Length")
+        length = int(length_text)
+        if length > self.settings.max_body:
+            raise Refused(413, "refused", f"body larger than {self.settings.max_body} bytes")
+        stream = environ["wsgi.input"]
+        chunks, remaining = [], length
+        while remaining:
+            chunk = stream.read(min(remaining, 1 << 16))
+            if not chunk:
+                raise Refused(400, "refused", "body shorter than its Content-Length")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def verify_signature(self, header: str, body: bytes) -> None:
+        if not header:
+            raise Refused(403, "refused", "no X-Hub-Signature-256")
+        expected = SIGNATURE_PREFIX + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+        # WSGI headers are latin-1 strings; bytes keep compare_digest to any content.
+        if not hmac.compare_digest(expected.encode("ascii"), header.encode("latin-1")):
+            raise Refused(403, "refused", "bad X-Hub-Signature-256")
+
+    def trigger(self, payload: dict[str, Any], delivery: str) -> Outcome:
+        repository = payload.get("repository")
+        full_name = repository.get("full_name") if isinstance(repository, dict) else None
+        component = component_of(full_name)
+        try:
+            queued = self.spool.add_trigger(component, delivery)
+        except SpoolFull as full:
+            return Outcome(503, "refused", f"spool full ({full})", component)
+        if not queued:
+            return Outcome(200, "coalesced", "a trigger of this component is pending", component)
+        return Outcome(202, "accepted", "build trigger spooled", component)
+
+    def comment(self, payload: dict[str, Any], delivery: str) -> Outcome:
+        if payload.get("action") != "created":
+            return Outcome(200, "ignored", "comment not newly created")
+        comment = payload.get("comment")
+        body = comment.get("body") if isinstance(comment, dict) else None
+        if not isinstance(body, str):
+            raise Refused(400, "refused", "comment.body is not a string")
+        if not body.isascii():
+            return Outcome(200, "ignored", "comment is not ASCII")
+        command = signed_command(body)
+        if not command:
+            return Outcome(200, "ignored", "no signed command in the comment")
+        if len(command) > self.settings.max_command_bytes:
+            limit = self.settings.max_command_bytes
+            return Outcome(200, "ignored", f"signed command longer than {limit} bytes")
+        try:
+            self.spool.add_command(command, delivery)
+        except SpoolFull as full:
+            return Outcome(503, "refused", f"spool full ({full})")
+        return Outcome(202, "accepted", "signed command spooled")
+
+
+def create_application(settings_path: str | None = None) -> Receiver:
+    settings = webhook_settings.load(settings_path)
+    with open(settings.secret_file, "rb") as stored:
+        secret = stored.read().strip()
+    return Receiver(settings, secret)

@@ -1,0 +1,42 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Settings shared by the webhook receiver and its worker, written by the webhooks role."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+
+DEFAULT_PATH = "/usr/local/etc/qubes-infra-build/webhooks.json"
+# GitHub caps webhook payloads at 25 MB.
+GITHUB_MAX_PAYLOAD = 25_000_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    secret_file: str
+    max_body: int
+    spool_directory: str
+    spool_max_events: int
+    spool_max_bytes: int
+    log_file: str
+    log_max_bytes: int
+    build_vms_list: str
+    call_timeout: int
+    max_command_bytes: int
+    # Append-only logs of the services (nginx's refusals, gunicorn, the worker's errors): the
+    # worker keeps them bounded too.
+    service_logs: tuple[str, ...] = ()
+    qrexec_client: str = "qrexec-client-vm"
+
+
+def load(path: str | None = None) -> Settings:
+    path = path or os.environ.get("WEBHOOKS_SETTINGS", DEFAULT_PATH)
+    with open(path, encoding="utf-8") as stored:
+        raw = json.load(stored)
+    known = {field.name for field in fields(Settings)}
+    settings = Settings(**{key: raw[key] for key in raw if key in known})
+    settings = replace(settings, service_logs=tuple(settings.service_logs))
+    if not 0 < settings.max_body <= GITHUB_MAX_PAYLOAD:
+        raise ValueError(f"{path}: max_body must be 1..{GITHUB_MAX_PAYLOAD} bytes")
+    return settings

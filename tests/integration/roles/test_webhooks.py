@@ -1,0 +1,335 @@
+"""The webhooks role on qubesim: nginx and the receiver in sys-net, reached over loopback as GitHub
+would reach them, delivering to stand-in build services that record every call, with the audit
+log as the witness of which qrexec calls the net qube made."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import secrets
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import as_root, audit_since, run_tool, site
+from tests.utils import github_webhook
+
+NET = "sys-net"
+BUILD_QUBES = ("build-fedora", "build-kernel")
+STATE = "/home/user/.local/state/qubes-infra-build/webhooks"
+TRIGGER = "/api/services/trigger_build"
+COMMENT = "/api/services/process_comment"
+MAX_BODY = 2097152  # the role's default webhooks_max_body
+RPC = "/usr/local/etc/qubes-rpc"
+CALLS = "/home/user/webhook-test-calls"
+COMMANDS = "/home/user/webhook-test-commands"
+SLOW = "/home/user/webhook-test-slow"
+# Stand-ins for the build qubes' services (the build_vm role's are tested on their own): they
+# record the caller, the argument and stdin; with SLOW present a trigger takes 2 s.
+STAND_INS = {
+    "qubesbuilder.TriggerBuild": (
+        f'#!/bin/sh\necho "$QREXEC_REMOTE_DOMAIN ${{1:-}}" >> {CALLS}\n[ ! -e {SLOW} ] || sleep 2\n'
+    ),
+    "qubesbuilder.ProcessGithubCommand": (
+        f'#!/bin/sh\n{{ echo "from $QREXEC_REMOTE_DOMAIN"; cat; echo end; }} >> {COMMANDS}\n'
+    ),
+}
+SIGNED_COMMAND = (
+    "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n"
+    "Build-template r4.2 debian-12 202611290800\n"
+    "-----BEGIN PGP SIGNATURE-----\n\niHUEARYIAB0WIQ==\n=abcd\n-----END PGP SIGNATURE-----"
+)
+
+
+@dataclass
+class Hooks:
+    secret: str
+    variables: Path
+
+    def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        return site("-e", f"@{self.variables}", "--tags", "dom0,webhooks", *arguments)
+
+    def post(
+        self, route: str, body: bytes, connection: http.client.HTTPConnection | None = None,
+        **options: str,
+    ) -> tuple[int, str]:  # fmt: skip
+        """POST to the net qube (port 80 unless a connection is given), as GitHub does; the
+        status and the delivery id (options: event, delivery, signed)."""
+        options.setdefault("delivery", str(uuid.uuid4()))
+        status, _ = github_webhook.post(
+            connection or http.client.HTTPConnection("127.0.0.1", 80, timeout=60),
+            route,
+            body,
+            secret=self.secret.encode(),
+            **options,
+        )
+        return status, options["delivery"]
+
+
+def push(full_name: str) -> bytes:
+    return json.dumps({"ref": "refs/heads/main", "repository": {"full_name": full_name}}).encode()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 120) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.3)
+    return condition()
+
+
+def read(qube: str, path: str) -> str:
+    return as_root(qube, f"cat {path} 2>/dev/null || true").stdout
+
+
+def triggered(qube: str) -> list[str]:
+    """Components qube's TriggerBuild was called with by the net qube, in order."""
+    lines = read(qube, CALLS).splitlines()
+    return [line.split(" ", 1)[1] for line in lines if line.startswith(f"{NET} ")]
+
+
+def log_lines() -> list[str]:
+    return read(NET, f"{STATE}/webhooks.log.1 {STATE}/webhooks.log").splitlines()
+
+
+def net_calls(since: datetime) -> list[dict[str, object]]:
+    return [entry for entry in audit_since(since) if entry["source"] == NET]
+
+
+def delivered_everything_before(hooks: Hooks) -> str:
+    """A fresh component pushed last: once every build qube has it, the worker (which delivers
+    in order) has delivered everything accepted before."""
+    component = f"barrier-{secrets.token_hex(4)}"
+    status, _ = hooks.post(TRIGGER, push(f"QubesOS/qubes-{component}"))
+    assert status == 202
+    assert wait_for(lambda: all(component in triggered(qube) for qube in BUILD_QUBES))
+    return component
+
+
+@pytest.fixture(scope="module")
+def hooks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hooks]:
+    place = tmp_path_factory.mktemp("webhooks")
+    variables = place / "vars.json"
+    variables.write_text(json.dumps({"webhooks_secret": secrets.token_hex(32)}))
+    variables.chmod(0o600)
+    hooks = Hooks(json.loads(variables.read_text())["webhooks_secret"], variables)
+    first = hooks.play()
+    assert first.returncode == 0, first.stdout + first.stderr
+    for qube in BUILD_QUBES:
+        for service, script in STAND_INS.items():
+            path = f"{RPC}/{service}"
+            keep_original = f"{{ [ ! -e {path} ] || mv {path} {path}.saved; }}"
+            install = f"cat > {path} && chmod 0755 {path}"
+            as_root(qube, f"mkdir -p {RPC} && {keep_original} && {install}", input=script)
+        as_root(qube, f"rm -f {CALLS} {COMMANDS} {SLOW}")
+    yield hooks
+    for qube in BUILD_QUBES:
+        for service in STAND_INS:
+            path = f"{RPC}/{service}"
+            as_root(qube, f"rm -f {path} {CALLS} {COMMANDS} {SLOW}; "
+                          f"[ ! -e {path}.saved ] || mv {path}.saved {path}")  # fmt: skip
+
+
+def test_the_role_converges_once_and_check_mode_changes_nothing(hooks: Hooks) -> None:
+    for arguments in (["--diff"], ["--check", "--diff"]):
+        run = hooks.play(*arguments)
+        assert run.returncode == 0, run.stdout + run.stderr
+        changed = re.findall(r"^sys-net .* changed=(\d+) ", run.stdout, re.MULTILINE)
+        assert changed == ["0"], (arguments, run.stdout)
+
+
+def test_a_signed_push_triggers_its_component_in_every_build_qube(hooks: Hooks) -> None:
+    started = datetime.now(UTC)
+    component = f"core-admin-{secrets.token_hex(4)}"
+    status, delivery = hooks.post(TRIGGER, push(f"QubesOS/qubes-{component}"))
+    assert status == 202
+    assert wait_for(lambda: all(component in triggered(qube) for qube in BUILD_QUBES))
+    calls = {
+        (entry["target"], entry["service"], entry["argument"], entry["decision"])
+        for entry in net_calls(started)
+    }
+    assert calls == {
+        (qube, "qubesbuilder.TriggerBuild", component, "allow") for qube in BUILD_QUBES
+    }
+    accepted = [line for line in log_lines() if f"delivery={delivery}" in line]
+    assert "decision=accepted" in accepted[0] and f"component={component}" in accepted[0]
+    assert "decision=delivered" in accepted[1]
+    assert "build-fedora:0" in accepted[1] and "build-kernel:0" in accepted[1]
+
+
+def test_a_signed_command_goes_to_process_github_command_in_every_build_qube(
+    hooks: Hooks,
+) -> None:
+    started = datetime.now(UTC)
+    body = f"Please build:\r\n\r\n{SIGNED_COMMAND.replace(chr(10), '  ' + chr(13) + chr(10))}\r\n"
+    payload = json.dumps({"action": "created", "comment": {"body": body}}).encode()
+    status, _ = hooks.post(COMMENT, payload, event="issue_comment")
+    assert status == 202
+    received = f"from {NET}\n{SIGNED_COMMAND}\nend\n"
+    assert wait_for(lambda: all(received in read(qube, COMMANDS) for qube in BUILD_QUBES))
+    services = {(entry["target"], entry["service"]) for entry in net_calls(started)}
+    assert services == {(qube, "qubesbuilder.ProcessGithubCommand") for qube in BUILD_QUBES}
+
+
+def test_refused_and_ignored_requests_make_no_qrexec_call(hooks: Hooks) -> None:
+    started = datetime.now(UTC)
+    good = push("QubesOS/qubes-core-admin")
+    statuses = {
+        "no signature": hooks.post(TRIGGER, good, signed=""),
+        "wrong signature": hooks.post(TRIGGER, good, signed="sha256=" + "0" * 64),
+        "unknown event": hooks.post(TRIGGER, good, event="issues"),
+        "oversized": hooks.post(TRIGGER, b" " * (MAX_BODY + 1)),
+        "malformed": hooks.post(TRIGGER, b'{"repository": '),
+        "slash": hooks.post(TRIGGER, push("QubesOS/qubes-core/admin")),
+        "dot": hooks.post(TRIGGER, push("QubesOS/qubes-core.admin")),
+        "space": hooks.post(TRIGGER, push("QubesOS/qubes-core admin")),
+        "long": hooks.post(TRIGGER, push("QubesOS/qubes-" + "a" * 65)),
+    }
+    assert {name: status for name, (status, _) in statuses.items()} == {
+        "no signature": 403,
+        "wrong signature": 403,
+        "unknown event": 200,
+        "oversized": 413,
+        "malformed": 400,
+        "slash": 400,
+        "dot": 400,
+        "space": 400,
+        "long": 400,
+    }
+    barrier = delivered_everything_before(hooks)
+    arguments = {(entry["service"], entry["argument"]) for entry in net_calls(started)}
+    assert arguments == {("qubesbuilder.TriggerBuild", barrier)}
+    lines = log_lines()
+    for name, (_, delivery) in statuses.items():
+        if name == "oversized":
+            continue  # answered by nginx, logged in its services.log without a delivery id
+        [line] = [line for line in lines if f"delivery={delivery} " in line]
+        assert ("decision=ignored" if name == "unknown event" else "decision=refused") in line
+    refused_by_nginx = read(NET, f"{STATE}/services.log").splitlines()
+    assert any("status=413 decision=refused" in line for line in refused_by_nginx)
+
+
+def test_the_role_refuses_to_deploy_without_a_secret(hooks: Hooks) -> None:
+    before = as_root(NET, "sha256sum /usr/local/etc/qubes-infra-build/webhooks-secret").stdout
+    refused = hooks.play("-e", "webhooks_secret=", "--limit", f"localhost,{NET}")
+    assert refused.returncode != 0
+    assert "The webhooks role needs webhooks_secret" in refused.stdout
+    after = as_root(NET, "sha256sum /usr/local/etc/qubes-infra-build/webhooks-secret").stdout
+    assert after == before
+
+
+def service_pids() -> str:
+    return as_root(NET, "cat /run/qubes-infra-webhooks/nginx.pid "
+                        "/run/qubes-infra-webhooks/receiver/gunicorn.pid").stdout  # fmt: skip
+
+
+def service_memory_kib() -> int:
+    """Resident memory of nginx, gunicorn and the worker in the net qube."""
+    listing = as_root(NET, "ps -eo rss=,args=").stdout.splitlines()
+    services = ("nginx", "gunicorn", "webhook_worker.py")
+    return sum(int(line.split()[0]) for line in listing if any(s in line for s in services))
+
+
+def test_500_webhooks_in_10_seconds_are_each_accounted_for_and_coalesced(hooks: Hooks) -> None:
+    delivered_everything_before(hooks)
+    pids, memory = service_pids(), service_memory_kib()
+    prefix = f"load-{secrets.token_hex(3)}"
+    sent: dict[str, tuple[str, int]] = {}  # delivery -> (component or "", status)
+    started = time.monotonic()
+    for number in range(500):
+        # A bounded loop: at most one request every 20 ms.
+        time.sleep(max(0.0, started + number * 0.02 - time.monotonic()))
+        component = f"{prefix}-{number % 5}"
+        if number % 10 == 9:
+            status, delivery = hooks.post(TRIGGER, push(f"QubesOS/{component}"), signed="x")
+            component = ""
+        else:
+            status, delivery = hooks.post(TRIGGER, push(f"QubesOS/qubes-{component}"))
+        sent[delivery] = (component, status)
+    valid = {d: s for d, (c, s) in sent.items() if c}
+    assert {s for d, (c, s) in sent.items() if not c} == {403}
+    assert set(valid.values()) <= {202, 200, 503}, sorted(set(valid.values()))
+    accepted = [d for d, s in valid.items() if s == 202]
+    assert sum(1 for s in valid.values() if s == 200) > 0  # coalesced
+
+    delivered_everything_before(hooks)
+    lines = log_lines()
+    decisions: dict[str, list[str]] = {}
+    for line in lines:
+        if "delivery=" in line:
+            delivery = line.split("delivery=")[1].split()[0]
+            decisions.setdefault(delivery, []).append(line.split("decision=")[1].split()[0])
+    for delivery, status in valid.items():
+        wanted = {202: ["accepted", "delivered"], 200: ["coalesced"], 503: ["refused"]}[status]
+        assert decisions.get(delivery) == wanted, (delivery, status, decisions.get(delivery))
+    calls = [c for c in triggered("build-fedora") if c.startswith(prefix)]
+    assert len(calls) == len(accepted) < len(valid)
+
+    assert service_pids() == pids
+    assert service_memory_kib() < memory + 64 * 1024
+
+
+def test_a_restart_of_the_net_qube_loses_no_accepted_event(hooks: Hooks) -> None:
+    delivered_everything_before(hooks)
+    for qube in BUILD_QUBES:
+        as_root(qube, f"touch {SLOW}")
+    components = [f"restart-{secrets.token_hex(3)}-{number}" for number in range(4)]
+    try:
+        for component in components:
+            assert hooks.post(TRIGGER, push(f"QubesOS/qubes-{component}"))[0] == 202
+        # Killed as by a crash: the slow build services keep most events in the spool.
+        run_tool("qvm-kill", NET)
+        run_tool("qvm-start", NET)
+    finally:
+        for qube in BUILD_QUBES:
+            as_root(qube, f"rm -f {SLOW}")
+    delivered_everything_before(hooks)
+    for qube in BUILD_QUBES:
+        assert set(components) <= set(triggered(qube)), qube
+
+
+def test_tls_and_the_source_allow_list(hooks: Hooks, tmp_path: Path) -> None:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-days", "2", "-keyout", str(tmp_path / "key"), "-out", str(tmp_path / "cert")],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    tls = tmp_path / "tls.json"
+    tls.write_text(json.dumps({"webhooks_port": 8443,
+                               "webhooks_tls_certificate": (tmp_path / "cert").read_text(),
+                               "webhooks_tls_key": (tmp_path / "key").read_text()}))  # fmt: skip
+    context = ssl.create_default_context(cafile=str(tmp_path / "cert"))
+
+    def https() -> http.client.HTTPConnection:
+        return http.client.HTTPSConnection("127.0.0.1", 8443, timeout=60, context=context)
+
+    started = datetime.now(UTC)
+    try:
+        elsewhere = hooks.play(
+            "-e", f"@{tls}", "-e", '{"webhooks_allowed_networks": ["10.0.0.0/8"]}'
+        )
+        assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr
+        body = push("QubesOS/qubes-tls-refused")
+        assert hooks.post(TRIGGER, body, connection=https())[0] == 403
+        here = hooks.play("-e", f"@{tls}", "-e", '{"webhooks_allowed_networks": ["127.0.0.1"]}')
+        assert here.returncode == 0, here.stdout + here.stderr
+        assert hooks.post(TRIGGER, push("QubesOS/qubes-tls-allowed"), connection=https())[0] == 202
+        assert wait_for(lambda: all("tls-allowed" in triggered(qube) for qube in BUILD_QUBES))
+    finally:
+        restored = hooks.play()
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    arguments = {entry["argument"] for entry in net_calls(started)}
+    assert "tls-refused" not in arguments and "tls-allowed" in arguments
+    assert hooks.post(TRIGGER, b"{}", signed="")[0] == 403  # plain HTTP on port 80 again
+    key = as_root(NET, "ls /usr/local/etc/qubes-infra-build").stdout.split()
+    assert "webhooks-tls.key" not in key
