@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from qubesim import world
+
 Qvm = Callable[..., subprocess.CompletedProcess[str]]
 POLICY_DIR = Path("/etc/qubes/policy.d")
 _counter = itertools.count()
@@ -69,6 +71,24 @@ def install_artifact(place: Path, bin_directory: Path | None = None) -> Path:
     install = [galaxy, "collection", "install", "--offline", "--force", "-p", str(collections)]
     run_tool(*install, str(artifact))
     return collections
+
+
+def serve_release_configs(
+    outside: world.World, place: Path, name: str, configs: dict[str, str]
+) -> str:
+    """A release configurations repository (file name -> text) of a test, served by the world's
+    git daemon; returns its URL."""
+    work = place / name
+    for file, text in configs.items():
+        (work / file).parent.mkdir(parents=True, exist_ok=True)
+        (work / file).write_text(text)
+    bare = outside.directory / "git" / f"{name}.git"
+    shutil.rmtree(bare, ignore_errors=True)
+    outside.run("git", "init", "--quiet", "--initial-branch=main", ".", cwd=work)
+    outside.run("git", "add", "--all", cwd=work)
+    outside.run("git", "commit", "--quiet", "-m", "release configurations", cwd=work)
+    outside.run("git", "clone", "--quiet", "--bare", str(work), str(bare))
+    return f"git://{world.LOOPBACK}:{world.GIT_PORT}/{name}.git"
 
 
 def run_module(

@@ -9,7 +9,6 @@ environment its own components."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,13 @@ import pytest
 
 from qubesim import world
 from qubesim.layout import current
-from tests.integration.conftest import as_root, audit_since, run_tool, site
+from tests.integration.conftest import (
+    as_root,
+    audit_since,
+    run_tool,
+    serve_release_configs,
+    site,
+)
 
 BUILDER = "/home/user/builder-services"
 LOGS = "/home/user/builder-github-logs"
@@ -38,21 +43,6 @@ DAY = 86400
 def in_qube(qube: str, command: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
     return run_tool("qvm-run", "--pass-io", qube, f"bash -lc {json.dumps(command)}",
                     input=input, check=False)  # fmt: skip
-
-
-def _configs_repository(outside: world.World, place: Path) -> str:
-    """A release configurations repository of this test, served by the world's git daemon."""
-    work = place / "configs"
-    for name, text in CONFIGS.items():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        (work / name).write_text(text)
-    bare = outside.directory / "git" / "services-configs.git"
-    shutil.rmtree(bare, ignore_errors=True)
-    outside.run("git", "init", "--quiet", "--initial-branch=main", ".", cwd=work)
-    outside.run("git", "add", "--all", cwd=work)
-    outside.run("git", "commit", "--quiet", "-m", "release configurations", cwd=work)
-    outside.run("git", "clone", "--quiet", "--bare", str(work), str(bare))
-    return f"git://{world.LOOPBACK}:{world.GIT_PORT}/services-configs.git"
 
 
 def _gpg(home: Path, *argv: str, data: str | None = None) -> str:
@@ -133,7 +123,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
                 **outside.variables(),
                 "keys_vm_key_algorithm": "ed25519",
                 "keys_vm_public_keys_dir": str(place / "public-keys"),
-                "build_infra_envs": _environments(_configs_repository(outside, place)),
+                "build_infra_envs": _environments(
+                    serve_release_configs(outside, place, "services-configs", CONFIGS)
+                ),
                 "build_vm_command_signers": {
                     maintainer: {
                         "public_key": public_key,
