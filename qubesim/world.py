@@ -138,9 +138,12 @@ def _repository(
 def _release_configs(world: World) -> Path:
     configs = world.directory / "files" / "release-configs"
     (configs / "R4.2").mkdir(parents=True)
-    (configs / "R4.2" / "qubes-os-r4.2-host.conf").write_text(
-        f"RELEASE := 4.2\nUPLOAD_HOST := {UPLOAD_HOST}\n"
-    )
+    # What each build environment builds: a push of another component starts nothing there.
+    for name, components in (("host", "core-admin gui-daemon"), ("kernel", "linux-kernel")):
+        (configs / "R4.2" / f"qubes-os-r4.2-{name}.conf").write_text(
+            f"RELEASE := 4.2\nCOMPONENTS ?= {components} builder-github\n"
+            f"UPLOAD_HOST := {UPLOAD_HOST}\n"
+        )
     return configs
 
 
