@@ -104,7 +104,7 @@ unit: bootstrap
 # Root and the simulated host: the tests run inside dom0, as a real dom0's admin would run them.
 integration: bootstrap
 	$(QUBESIM) init
-	$(QUBESIM) dom0 -- pytest tests/integration
+	$(QUBESIM) dom0 -- pytest tests/integration --durations=15
 
 # Timing lives here, never in tests: ratios measured side by side in one run.
 # The molecule scenarios (extensions/molecule: one per role and `default`, the whole site) on

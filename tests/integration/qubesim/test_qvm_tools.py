@@ -118,6 +118,8 @@ def test_qvm_remove_asks_then_removes_a_halted_qube(qvm: Qvm, appvm: str) -> Non
 
 def test_qvm_remove_refuses_a_template_in_use(qvm: Qvm, appvm: str) -> None:
     template = qvm("qvm-prefs", appvm, "template").stdout.strip()
+    # A running qube is refused first, for another reason (it is not powered off).
+    qvm("qvm-shutdown", "--wait", template)
     result = qvm("qvm-remove", "--force", template, check=False)
     assert result.returncode == 1
     assert "in use" in result.stderr

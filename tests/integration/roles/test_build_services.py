@@ -189,15 +189,6 @@ def commands_run(qube: str) -> list[str]:
     return in_qube(qube, f"cat {BUILDER}/commands.log 2>/dev/null").stdout.splitlines()
 
 
-def test_the_role_converges_once_and_check_mode_changes_nothing(services: Services) -> None:
-    again = services.play("--diff")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "changed=0" in again.stdout and "changed=1" not in again.stdout
-    checked = services.play("--check", "--diff", "--tags", "build_vm")
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "changed=1" not in checked.stdout
-
-
 def test_a_push_builds_only_where_the_builder_knows_the_component(services: Services) -> None:
     moment = datetime.now(UTC)
     kernel = call("build-kernel", "qubesbuilder.TriggerBuild+core-admin")

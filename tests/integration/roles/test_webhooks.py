@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import secrets
 import ssl
 import subprocess
@@ -137,14 +136,6 @@ def hooks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hooks]:
             path = f"{RPC}/{service}"
             as_root(qube, f"rm -f {path} {CALLS} {COMMANDS} {SLOW}; "
                           f"[ ! -e {path}.saved ] || mv {path}.saved {path}")  # fmt: skip
-
-
-def test_the_role_converges_once_and_check_mode_changes_nothing(hooks: Hooks) -> None:
-    for arguments in (["--diff"], ["--check", "--diff"]):
-        run = hooks.play(*arguments)
-        assert run.returncode == 0, run.stdout + run.stderr
-        changed = re.findall(r"^sys-net .* changed=(\d+) ", run.stdout, re.MULTILINE)
-        assert changed == ["0"], (arguments, run.stdout)
 
 
 def test_a_signed_push_triggers_its_component_in_every_build_qube(hooks: Hooks) -> None:
