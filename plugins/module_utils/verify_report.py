@@ -1,0 +1,354 @@
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The post-installation checks of a deployed build infrastructure, decided in dom0.
+
+Each qube's facts are what read-only commands printed in it (untrusted: bounded here, parsed,
+never evaluated, and only ever turned into rows of that qube); what they must be comes from the
+inventory. A row is (qube, check, ok, detail): for a failed check the detail says what was found
+and how to fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_FACT = 65536  # characters of one fact a qube can make dom0 look at
+MAX_SHOWN = 60  # characters of a qube's text shown in the table
+FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+CONF_VARIABLES = (
+    "NO_SIGN",
+    "SIGN_KEY",
+    "DISTS_VM",
+    "DIST_DOM0",
+    "COMPONENTS",
+    "LINUX_REPO_BASEDIR",
+)
+SET_WITH_DEFAULT = ("DISTS_VM", "DIST_DOM0", "COMPONENTS")  # builder-github overrides them
+INCLUDE_GITHUB_CONF = re.compile(r"^-?include\s+\$[({]HOME[)}]/builder-github\.conf$")
+UNREACHABLE_FIX = "not reachable: start it (qvm-start {qube}) or check the inventory"
+
+
+@dataclass(frozen=True)
+class Row:
+    qube: str
+    check: str
+    ok: bool
+    detail: str
+
+
+def fact(facts: Mapping[str, Any], name: str) -> str:
+    """One fact a qube gave, bounded; missing or not text counts as empty."""
+    value = facts.get(name, "")
+    return value[:MAX_FACT] if isinstance(value, str) else ""
+
+
+def shown(text: str) -> str:
+    """A qube's text as the table may show it: printable ASCII on one line, bounded."""
+    flat = "".join(c if " " <= c <= "~" else "?" for c in text.strip())
+    return flat if len(flat) <= MAX_SHOWN else flat[: MAX_SHOWN - 3] + "..."
+
+
+def fingerprints(listing: str, record: str = "sec") -> list[str]:
+    """Primary fingerprints of the keys of a `gpg --with-colons` listing (`sec` or `pub`)."""
+    found, primary = [], False
+    for line in listing.splitlines():
+        fields = line.split(":")
+        if fields[0] in ("sec", "pub", "ssb", "sub"):
+            primary = fields[0] == record
+        elif fields[0] == "fpr" and primary and len(fields) > 9:
+            candidate = fields[9].upper()
+            if FINGERPRINT.match(candidate):
+                found.append(candidate)
+            primary = False
+    return found
+
+
+def listed(values: Iterable[str]) -> str:
+    return shown(", ".join(values)) or "none"
+
+
+# -- keys qubes --------------------------------------------------------------------------------------
+def signing_key(expect: Mapping[str, Any], exported: Mapping[str, str]) -> tuple[str, str]:
+    """The key the environment signs with, and where that comes from."""
+    named = str(expect.get("sign_key") or "").upper()
+    if named:
+        return named, f"build_infra_envs.{expect['env']}.sign_key"
+    keys_vm = str(expect["keys_vm"])
+    return exported.get(keys_vm, ""), f"the key exported to {expect['exported_file']}"
+
+
+def keys_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any],
+              exported: Mapping[str, str]) -> list[Row]:  # fmt: skip
+    wanted, source = signing_key(expect, exported)
+    held = fingerprints(fact(facts, "secret_keys"))
+    if not wanted:
+        return [Row(qube, "signing key", False,
+                    f"the env names no sign_key and no public key was exported to"
+                    f" {expect['exported_file']}: set build_infra_envs.{expect['env']}.sign_key,"
+                    " or run the keys_vm role")]  # fmt: skip
+    if wanted in held:
+        return [Row(qube, "signing key", True, f"{wanted} ({source})")]
+    return [Row(qube, "signing key", False,
+                f"{wanted} ({source}) is not here (found {listed(held)}): give its secret key in"
+                " keys_vm_secret_key and run the keys_vm role")]  # fmt: skip
+
+
+# -- build qubes -------------------------------------------------------------------------------------
+def no_secret_key(qube: str, facts: Mapping[str, Any], allowed: str = "") -> Row:
+    held = [key for key in fingerprints(fact(facts, "secret_keys")) if key != allowed]
+    if not held:
+        return Row(qube, "no other secret key", True, "none" if not allowed else f"only {allowed}")
+    return Row(qube, "no other secret key", False,
+               f"found {listed(held)}: delete them (gpg --delete-secret-keys FPR in {qube});"
+               " signing keys live in the keys qubes only")  # fmt: skip
+
+
+def upload_key_row(qube: str, facts: Mapping[str, Any]) -> Row:
+    mode = shown(fact(facts, "upload_key_mode"))
+    valid = fact(facts, "upload_key_valid") == "0"
+    if mode == "600" and valid:
+        return Row(qube, "upload ssh key", True, "~/.ssh/id_ed25519, mode 0600")
+    found = "missing" if not mode else (f"mode {mode}" if valid else "not a private key")
+    return Row(qube, "upload ssh key", False,
+               f"~/.ssh/id_ed25519 {found}: give build_vm_upload_ssh_key (Ansible Vault) and run"
+               " the build_vm role (it writes it 0600)")  # fmt: skip
+
+
+def ssh_user(settings: str) -> str:
+    """The user `ssh -G` says ssh logs in as."""
+    for line in settings.splitlines():
+        keyword, _, value = line.partition(" ")
+        if keyword == "user":
+            return value.strip()
+    return ""
+
+
+def host_keys(known: str) -> set[str]:
+    """"TYPE BLOB" of each `ssh-keygen -F` line."""
+    keys = set()
+    for line in known.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and not line.startswith("#"):
+            keys.add(f"{fields[1]} {fields[2]}")
+    return keys
+
+
+def remote_host_rows(qube: str, facts: Mapping[str, Any], hosts: Mapping[str, Any]) -> list[Row]:
+    rows = []
+    users = facts.get("ssh_settings") if isinstance(facts.get("ssh_settings"), dict) else {}
+    known = facts.get("known_hosts") if isinstance(facts.get("known_hosts"), dict) else {}
+    for host, settings in sorted(hosts.items()):
+        wanted_user = str(settings.get("user") or "user")
+        user = ssh_user(fact(users, host))
+        rows.append(Row(qube, f"ssh user {host}", user == wanted_user,
+                        wanted_user if user == wanted_user else
+                        f"ssh logs in as {shown(user) or 'nobody'}, not {wanted_user}: run the"
+                        " build_vm role (build_infra_remote_hosts)"))  # fmt: skip
+        key = " ".join(str(settings.get("host_key", "")).split()[:2])
+        good = key in host_keys(fact(known, host))
+        rows.append(Row(qube, f"known_hosts {host}", good,
+                        shown(key) if good else
+                        f"~/.ssh/known_hosts lacks its host key {shown(key)}: run the build_vm"
+                        f" role (build_infra_remote_hosts.{host}.host_key)"))  # fmt: skip
+    return rows
+
+
+def verified_tags(output: str) -> list[str]:
+    """Tags whose `git verify-tag --raw` status, after a `TAG name` line, shows one good
+    signature by a fully or ultimately trusted key (what qubes-builder's verify-git-tag wants)."""
+    tags: dict[str, list[str]] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith("TAG "):
+            current = line[4:]
+            tags[current] = []
+        elif current is not None and line.startswith("[GNUPG:] "):
+            tags[current].append(line.split()[1] if len(line.split()) > 1 else "")
+    return [
+        tag
+        for tag, status in tags.items()
+        if status.count("NEWSIG") <= 1
+        and "VALIDSIG" in status
+        and "GOODSIG" in status
+        and ("TRUST_FULLY" in status or "TRUST_ULTIMATE" in status)
+    ]
+
+
+def checkout_rows(qube: str, directory: str, facts: Mapping[str, Any], commit: str) -> list[Row]:
+    head = fact(facts, "head").strip()
+    at_pin = head == commit
+    rows = [Row(qube, f"{directory} at pin", at_pin,
+                commit if at_pin else
+                f"at {shown(head) or 'no commit'}, pinned {commit or 'nothing'}: move the"
+                " checkout away and run the build_vm role (or pin build_vm_builder_commit)")]  # fmt: skip
+    tags = verified_tags(fact(facts, "tags"))
+    rows.append(Row(qube, f"{directory} signed tag", at_pin and bool(tags),
+                    f"{listed(tags)}, signature verified" if at_pin and tags else
+                    "no tag on the pinned commit verifies with the build qube's trusted keys: pin"
+                    " a signed release tag's commit; trust its signer (build_vm_trusted_keys)"))  # fmt: skip
+    return rows
+
+
+def makefile_lines(text: str) -> list[str]:
+    """builder.conf's lines, continuations joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    return [line.split("#", 1)[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+def assignments(lines: list[str], name: str) -> list[str]:
+    """The operators builder.conf assigns `name` with (`=`, `?=`, `:=`, ...)."""
+    pattern = re.compile(rf"^(?:override\s+|export\s+)*{name}\s*([?:+!]*=)")
+    return [match.group(1) for match in map(pattern.match, lines) if match]
+
+
+def effective(output: str) -> dict[str, str]:
+    """NAME=value lines make printed for the variables dom0 asks about (first one wins)."""
+    values: dict[str, str] = {}
+    for line in output.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name in CONF_VARIABLES and name not in values:
+            values[name] = value.strip()
+    return values
+
+
+def conf_rows(qube: str, directory: str, facts: Mapping[str, Any], sign_key: str) -> list[Row]:
+    conf = f"{directory}/builder.conf"
+    text, output = fact(facts, "conf"), fact(facts, "conf_values")
+    if fact(facts, "conf_rc") != "0" or fact(facts, "conf_values_rc") != "0":
+        return [Row(qube, f"{conf}", False,
+                    f"cannot be read with make ({shown(output) or 'no such file'}): run the"
+                    " build_vm role (it links it to builders[].config_file)")]  # fmt: skip
+    lines, values = makefile_lines(text), effective(output)
+
+    def row(rule: str, ok: bool, good: str, fix: str) -> Row:
+        return Row(qube, f"builder.conf {rule}", ok, good if ok else f"{conf}: {fix}")
+
+    rows = [
+        row("no NO_SIGN", not values.get("NO_SIGN"), "unset",
+            f"NO_SIGN is {shown(values.get('NO_SIGN', ''))}: remove it, builds must be signed"),
+        row("SIGN_KEY", values.get("SIGN_KEY", "").upper() == sign_key and bool(sign_key),
+            sign_key, f"SIGN_KEY is {shown(values.get('SIGN_KEY', '')) or 'unset'}, not"
+            f" {sign_key or 'known'}: run the build_vm role (SIGN_KEY in ~/builder-github.conf);"
+            " the release configuration must not set it"),
+    ]  # fmt: skip
+    for name in SET_WITH_DEFAULT:
+        operators = assignments(lines, name)
+        good = bool(operators) and set(operators) <= {"?=", "+="} and bool(values.get(name))
+        found = ", ".join(f"{name} {operator}" for operator in operators) or "unset"
+        rows.append(row(f"{name} ?=", good, shown(values.get(name, "")),
+                        f"{found}: set it with {name} ?= so builder-github can choose"))  # fmt: skip
+    components = values.get("COMPONENTS", "").split()
+    rows.append(row("builder-github", "builder-github" in components, "in COMPONENTS",
+                    "add builder-github to COMPONENTS"))  # fmt: skip
+    rows.append(row("LINUX_REPO_BASEDIR", bool(values.get("LINUX_REPO_BASEDIR")),
+                    shown(values.get("LINUX_REPO_BASEDIR", "")),
+                    "set LINUX_REPO_BASEDIR to the release's repository folder"))  # fmt: skip
+    included = any(INCLUDE_GITHUB_CONF.match(line) for line in lines)
+    rows.append(row("includes builder-github.conf", included, "yes",
+                    "add include $(HOME)/builder-github.conf"))  # fmt: skip
+    return rows
+
+
+def build_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any],
+               exported: Mapping[str, str]) -> list[Row]:  # fmt: skip
+    rows = [no_secret_key(qube, facts), upload_key_row(qube, facts)]
+    rows += remote_host_rows(qube, facts, expect.get("remote_hosts") or {})
+    sign_key, _ = signing_key(expect, exported)
+    builders = facts.get("builders") if isinstance(facts.get("builders"), dict) else {}
+    for directory in expect.get("builders") or []:
+        found = builders.get(directory)
+        found = found if isinstance(found, dict) else {}
+        rows += checkout_rows(qube, directory, found, str(expect.get("builder_commit") or ""))
+        rows += conf_rows(qube, directory, found, sign_key)
+    return rows
+
+
+# -- logs qubes --------------------------------------------------------------------------------------
+def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) -> list[Row]:
+    key = str(expect.get("logs_key") or "").upper()
+    public = key in fingerprints(fact(facts, "public_keys"), "pub")
+    trusted = f"{key}:6:" in fact(facts, "ownertrust").splitlines()
+    secret = key in fingerprints(fact(facts, "secret_keys"))
+    mode = shown(fact(facts, "deploy_key_mode"))
+    fix_key = "give build_logs_public_key and build_logs_secret_key, run the build_logs role"
+    return [
+        Row(qube, "logs key public, trusted", bool(key) and public and trusted,
+            key if public and trusted else
+            f"{key or 'build_logs_key_fingerprint unset'}"
+            f" {'not ultimately trusted' if public else 'missing'}: {fix_key}"),
+        Row(qube, "logs key secret", bool(key) and secret,
+            "present" if secret else f"missing: {fix_key}"),
+        no_secret_key(qube, facts, allowed=key),
+        Row(qube, "deploy key", mode == "600",
+            "~/.ssh/build-logs-deploy-key, mode 0600" if mode == "600" else
+            f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
+            " build_logs_deploy_key and run the build_logs role (it writes it 0600)"),
+    ]  # fmt: skip
+
+
+# -- dom0 --------------------------------------------------------------------------------------------
+def human(size: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size} bytes"
+
+
+def volume_rows(volumes: Iterable[Mapping[str, Any]]) -> list[Row]:
+    rows = []
+    for volume in volumes:
+        qube, wanted = str(volume["qube"]), int(volume["wanted"])
+        text = str(volume.get("size", "")).strip()
+        size = int(text) if text.isdigit() else -1
+        good = size >= wanted
+        rows.append(Row("dom0", f"private volume {qube}", good,
+                        human(size) if good else
+                        f"{human(size) if size >= 0 else 'unknown'}, want {human(wanted)}: run the"
+                        f" dom0 role (qvm-volume extend {qube}:private {human(wanted)})"))  # fmt: skip
+    return rows
+
+
+def flows_row(flows: Mapping[str, Any]) -> Row:
+    said = str(flows.get("stdout", "")).strip().splitlines()
+    message = said[0] if said else "the check printed nothing"
+    good = flows.get("rc") == 0
+    return Row("dom0", "policy flow matrix", good,
+               message if good else f"{message}: run the dom0 role, and remove rules of other"
+               " files in /etc/qubes/policy.d that come before its own")  # fmt: skip
+
+
+# -- the report --------------------------------------------------------------------------------------
+def qube_rows(entry: Mapping[str, Any], exported: Mapping[str, str]) -> list[Row]:
+    qube, kind, expect = str(entry["qube"]), entry["kind"], entry["expect"]
+    facts = entry.get("facts")
+    if not isinstance(facts, dict):
+        return [Row(qube, "reachable", False, UNREACHABLE_FIX.format(qube=qube))]
+    if kind == "keys":
+        return keys_rows(qube, facts, expect, exported)
+    if kind == "build":
+        return build_rows(qube, facts, expect, exported)
+    return logs_rows(qube, facts, expect)
+
+
+def table(rows: list[Row]) -> list[str]:
+    """The rows as fixed-width lines under a heading."""
+    heading = Row("QUBE", "CHECK", True, "DETAIL / HOW TO FIX")
+    width_qube = max(len(row.qube) for row in [heading, *rows])
+    width_check = max(len(row.check) for row in [heading, *rows])
+
+    def line(row: Row, result: str) -> str:
+        return f"{row.qube:<{width_qube}}  {row.check:<{width_check}}  {result:<4}  {row.detail}"
+
+    return [line(heading, "    "), *(line(row, "ok" if row.ok else "FAIL") for row in rows)]
+
+
+def report(entries: Iterable[Mapping[str, Any]], exported: Mapping[str, str],
+           volumes: Iterable[Mapping[str, Any]], flows: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    rows = [row for entry in entries for row in qube_rows(entry, exported)]
+    rows += volume_rows(volumes)
+    if flows:
+        rows.append(flows_row(flows))
+    failed = sum(not row.ok for row in rows)
+    return {"lines": table(rows) if rows else [], "failed": failed, "checks": len(rows)}
