@@ -69,7 +69,7 @@ def listed(values: Iterable[str]) -> str:
     return shown(", ".join(values)) or "none"
 
 
-# -- keys qubes --------------------------------------------------------------------------------------
+# -- keys qubes ------------------------------------------------------------------------------------
 def signing_key(expect: Mapping[str, Any], exported: Mapping[str, str]) -> tuple[str, str]:
     """The key the environment signs with, and where that comes from."""
     named = str(expect.get("sign_key") or "").upper()
@@ -79,30 +79,47 @@ def signing_key(expect: Mapping[str, Any], exported: Mapping[str, str]) -> tuple
     return exported.get(keys_vm, ""), f"the key exported to {expect['exported_file']}"
 
 
-def keys_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any],
-              exported: Mapping[str, str]) -> list[Row]:  # fmt: skip
+def keys_rows(
+    qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any], exported: Mapping[str, str]
+) -> list[Row]:
     wanted, source = signing_key(expect, exported)
     held = fingerprints(fact(facts, "secret_keys"))
     if not wanted:
-        return [Row(qube, "signing key", False,
-                    f"the env names no sign_key and no public key was exported to"
-                    f" {expect['exported_file']}: set build_infra_envs.{expect['env']}.sign_key,"
-                    " or run the keys_vm role")]  # fmt: skip
+        return [
+            Row(
+                qube,
+                "signing key",
+                False,
+                f"the env names no sign_key and no public key was exported to"
+                f" {expect['exported_file']}: set build_infra_envs.{expect['env']}.sign_key,"
+                " or run the keys_vm role",
+            )
+        ]
     if wanted in held:
         return [Row(qube, "signing key", True, f"{wanted} ({source})")]
-    return [Row(qube, "signing key", False,
-                f"{wanted} ({source}) is not here (found {listed(held)}): give its secret key in"
-                " keys_vm_secret_key and run the keys_vm role")]  # fmt: skip
+    return [
+        Row(
+            qube,
+            "signing key",
+            False,
+            f"{wanted} ({source}) is not here (found {listed(held)}): give its secret key in"
+            " keys_vm_secret_key and run the keys_vm role",
+        )
+    ]
 
 
-# -- build qubes -------------------------------------------------------------------------------------
+# -- build qubes -----------------------------------------------------------------------------------
 def no_secret_key(qube: str, facts: Mapping[str, Any], allowed: str = "") -> Row:
     held = [key for key in fingerprints(fact(facts, "secret_keys")) if key != allowed]
     if not held:
         return Row(qube, "no other secret key", True, "none" if not allowed else f"only {allowed}")
-    return Row(qube, "no other secret key", False,
-               f"found {listed(held)}: delete them (gpg --delete-secret-keys FPR in {qube});"
-               " signing keys live in the keys qubes only")  # fmt: skip
+    return Row(
+        qube,
+        "no other secret key",
+        False,
+        f"found {listed(held)}: delete them (gpg --delete-secret-keys FPR in {qube});"
+        " signing keys live in the keys qubes only",
+    )
 
 
 def upload_key_row(qube: str, facts: Mapping[str, Any]) -> Row:
@@ -111,9 +128,13 @@ def upload_key_row(qube: str, facts: Mapping[str, Any]) -> Row:
     if mode == "600" and valid:
         return Row(qube, "upload ssh key", True, "~/.ssh/id_ed25519, mode 0600")
     found = "missing" if not mode else (f"mode {mode}" if valid else "not a private key")
-    return Row(qube, "upload ssh key", False,
-               f"~/.ssh/id_ed25519 {found}: give build_vm_upload_ssh_key (Ansible Vault) and run"
-               " the build_vm role (it writes it 0600)")  # fmt: skip
+    return Row(
+        qube,
+        "upload ssh key",
+        False,
+        f"~/.ssh/id_ed25519 {found}: give build_vm_upload_ssh_key (Ansible Vault) and run"
+        " the build_vm role (it writes it 0600)",
+    )
 
 
 def ssh_user(settings: str) -> str:
@@ -126,7 +147,7 @@ def ssh_user(settings: str) -> str:
 
 
 def host_keys(known: str) -> set[str]:
-    """"TYPE BLOB" of each `ssh-keygen -F` line."""
+    """The key (type and blob) of each line `ssh-keygen -F` printed."""
     keys = set()
     for line in known.splitlines():
         fields = line.split()
@@ -142,16 +163,30 @@ def remote_host_rows(qube: str, facts: Mapping[str, Any], hosts: Mapping[str, An
     for host, settings in sorted(hosts.items()):
         wanted_user = str(settings.get("user") or "user")
         user = ssh_user(fact(users, host))
-        rows.append(Row(qube, f"ssh user {host}", user == wanted_user,
-                        wanted_user if user == wanted_user else
-                        f"ssh logs in as {shown(user) or 'nobody'}, not {wanted_user}: run the"
-                        " build_vm role (build_infra_remote_hosts)"))  # fmt: skip
+        rows.append(
+            Row(
+                qube,
+                f"ssh user {host}",
+                user == wanted_user,
+                wanted_user
+                if user == wanted_user
+                else f"ssh logs in as {shown(user) or 'nobody'}, not {wanted_user}: run the"
+                " build_vm role (build_infra_remote_hosts)",
+            )
+        )
         key = " ".join(str(settings.get("host_key", "")).split()[:2])
         good = key in host_keys(fact(known, host))
-        rows.append(Row(qube, f"known_hosts {host}", good,
-                        shown(key) if good else
-                        f"~/.ssh/known_hosts lacks its host key {shown(key)}: run the build_vm"
-                        f" role (build_infra_remote_hosts.{host}.host_key)"))  # fmt: skip
+        rows.append(
+            Row(
+                qube,
+                f"known_hosts {host}",
+                good,
+                shown(key)
+                if good
+                else f"~/.ssh/known_hosts lacks its host key {shown(key)}: run the build_vm"
+                f" role (build_infra_remote_hosts.{host}.host_key)",
+            )
+        )
     return rows
 
 
@@ -179,15 +214,29 @@ def verified_tags(output: str) -> list[str]:
 def checkout_rows(qube: str, directory: str, facts: Mapping[str, Any], commit: str) -> list[Row]:
     head = fact(facts, "head").strip()
     at_pin = head == commit
-    rows = [Row(qube, f"{directory} at pin", at_pin,
-                commit if at_pin else
-                f"at {shown(head) or 'no commit'}, pinned {commit or 'nothing'}: move the"
-                " checkout away and run the build_vm role (or pin build_vm_builder_commit)")]  # fmt: skip
+    rows = [
+        Row(
+            qube,
+            f"{directory} at pin",
+            at_pin,
+            commit
+            if at_pin
+            else f"at {shown(head) or 'no commit'}, pinned {commit or 'nothing'}: move the"
+            " checkout away and run the build_vm role (or pin build_vm_builder_commit)",
+        )
+    ]
     tags = verified_tags(fact(facts, "tags"))
-    rows.append(Row(qube, f"{directory} signed tag", at_pin and bool(tags),
-                    f"{listed(tags)}, signature verified" if at_pin and tags else
-                    "no tag on the pinned commit verifies with the build qube's trusted keys: pin"
-                    " a signed release tag's commit; trust its signer (build_vm_trusted_keys)"))  # fmt: skip
+    rows.append(
+        Row(
+            qube,
+            f"{directory} signed tag",
+            at_pin and bool(tags),
+            f"{listed(tags)}, signature verified"
+            if at_pin and tags
+            else "no tag on the pinned commit verifies with the build qube's trusted keys: pin"
+            " a signed release tag's commit; trust its signer (build_vm_trusted_keys)",
+        )
+    )
     return rows
 
 
@@ -217,42 +266,80 @@ def conf_rows(qube: str, directory: str, facts: Mapping[str, Any], sign_key: str
     conf = f"{directory}/builder.conf"
     text, output = fact(facts, "conf"), fact(facts, "conf_values")
     if fact(facts, "conf_rc") != "0" or fact(facts, "conf_values_rc") != "0":
-        return [Row(qube, f"{conf}", False,
-                    f"cannot be read with make ({shown(output) or 'no such file'}): run the"
-                    " build_vm role (it links it to builders[].config_file)")]  # fmt: skip
+        return [
+            Row(
+                qube,
+                f"{conf}",
+                False,
+                f"cannot be read with make ({shown(output) or 'no such file'}): run the"
+                " build_vm role (it links it to builders[].config_file)",
+            )
+        ]
     lines, values = makefile_lines(text), effective(output)
 
     def row(rule: str, ok: bool, good: str, fix: str) -> Row:
         return Row(qube, f"builder.conf {rule}", ok, good if ok else f"{conf}: {fix}")
 
     rows = [
-        row("no NO_SIGN", not values.get("NO_SIGN"), "unset",
-            f"NO_SIGN is {shown(values.get('NO_SIGN', ''))}: remove it, builds must be signed"),
-        row("SIGN_KEY", values.get("SIGN_KEY", "").upper() == sign_key and bool(sign_key),
-            sign_key, f"SIGN_KEY is {shown(values.get('SIGN_KEY', '')) or 'unset'}, not"
+        row(
+            "no NO_SIGN",
+            not values.get("NO_SIGN"),
+            "unset",
+            f"NO_SIGN is {shown(values.get('NO_SIGN', ''))}: remove it, builds must be signed",
+        ),
+        row(
+            "SIGN_KEY",
+            values.get("SIGN_KEY", "").upper() == sign_key and bool(sign_key),
+            sign_key,
+            f"SIGN_KEY is {shown(values.get('SIGN_KEY', '')) or 'unset'}, not"
             f" {sign_key or 'known'}: run the build_vm role (SIGN_KEY in ~/builder-github.conf);"
-            " the release configuration must not set it"),
-    ]  # fmt: skip
+            " the release configuration must not set it",
+        ),
+    ]
     for name in SET_WITH_DEFAULT:
         operators = assignments(lines, name)
         good = bool(operators) and set(operators) <= {"?=", "+="} and bool(values.get(name))
         found = ", ".join(f"{name} {operator}" for operator in operators) or "unset"
-        rows.append(row(f"{name} ?=", good, shown(values.get(name, "")),
-                        f"{found}: set it with {name} ?= so builder-github can choose"))  # fmt: skip
+        rows.append(
+            row(
+                f"{name} ?=",
+                good,
+                shown(values.get(name, "")),
+                f"{found}: set it with {name} ?= so builder-github can choose",
+            )
+        )
     components = values.get("COMPONENTS", "").split()
-    rows.append(row("builder-github", "builder-github" in components, "in COMPONENTS",
-                    "add builder-github to COMPONENTS"))  # fmt: skip
-    rows.append(row("LINUX_REPO_BASEDIR", bool(values.get("LINUX_REPO_BASEDIR")),
-                    shown(values.get("LINUX_REPO_BASEDIR", "")),
-                    "set LINUX_REPO_BASEDIR to the release's repository folder"))  # fmt: skip
+    rows.append(
+        row(
+            "builder-github",
+            "builder-github" in components,
+            "in COMPONENTS",
+            "add builder-github to COMPONENTS",
+        )
+    )
+    rows.append(
+        row(
+            "LINUX_REPO_BASEDIR",
+            bool(values.get("LINUX_REPO_BASEDIR")),
+            shown(values.get("LINUX_REPO_BASEDIR", "")),
+            "set LINUX_REPO_BASEDIR to the release's repository folder",
+        )
+    )
     included = any(INCLUDE_GITHUB_CONF.match(line) for line in lines)
-    rows.append(row("includes builder-github.conf", included, "yes",
-                    "add include $(HOME)/builder-github.conf"))  # fmt: skip
+    rows.append(
+        row(
+            "includes builder-github.conf",
+            included,
+            "yes",
+            "add include $(HOME)/builder-github.conf",
+        )
+    )
     return rows
 
 
-def build_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any],
-               exported: Mapping[str, str]) -> list[Row]:  # fmt: skip
+def build_rows(
+    qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any], exported: Mapping[str, str]
+) -> list[Row]:
     rows = [no_secret_key(qube, facts), upload_key_row(qube, facts)]
     rows += remote_host_rows(qube, facts, expect.get("remote_hosts") or {})
     sign_key, _ = signing_key(expect, exported)
@@ -265,7 +352,7 @@ def build_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any],
     return rows
 
 
-# -- logs qubes --------------------------------------------------------------------------------------
+# -- logs qubes ------------------------------------------------------------------------------------
 def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) -> list[Row]:
     key = str(expect.get("logs_key") or "").upper()
     public = key in fingerprints(fact(facts, "public_keys"), "pub")
@@ -274,21 +361,35 @@ def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) ->
     mode = shown(fact(facts, "deploy_key_mode"))
     fix_key = "give build_logs_public_key and build_logs_secret_key, run the build_logs role"
     return [
-        Row(qube, "logs key public, trusted", bool(key) and public and trusted,
-            key if public and trusted else
-            f"{key or 'build_logs_key_fingerprint unset'}"
-            f" {'not ultimately trusted' if public else 'missing'}: {fix_key}"),
-        Row(qube, "logs key secret", bool(key) and secret,
-            "present" if secret else f"missing: {fix_key}"),
+        Row(
+            qube,
+            "logs key public, trusted",
+            bool(key) and public and trusted,
+            key
+            if public and trusted
+            else f"{key or 'build_logs_key_fingerprint unset'}"
+            f" {'not ultimately trusted' if public else 'missing'}: {fix_key}",
+        ),
+        Row(
+            qube,
+            "logs key secret",
+            bool(key) and secret,
+            "present" if secret else f"missing: {fix_key}",
+        ),
         no_secret_key(qube, facts, allowed=key),
-        Row(qube, "deploy key", mode == "600",
-            "~/.ssh/build-logs-deploy-key, mode 0600" if mode == "600" else
-            f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
-            " build_logs_deploy_key and run the build_logs role (it writes it 0600)"),
-    ]  # fmt: skip
+        Row(
+            qube,
+            "deploy key",
+            mode == "600",
+            "~/.ssh/build-logs-deploy-key, mode 0600"
+            if mode == "600"
+            else f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
+            " build_logs_deploy_key and run the build_logs role (it writes it 0600)",
+        ),
+    ]
 
 
-# -- dom0 --------------------------------------------------------------------------------------------
+# -- dom0 ------------------------------------------------------------------------------------------
 def human(size: int) -> str:
     for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20)):
         if size >= factor and size % factor == 0:
@@ -303,10 +404,17 @@ def volume_rows(volumes: Iterable[Mapping[str, Any]]) -> list[Row]:
         text = str(volume.get("size", "")).strip()
         size = int(text) if text.isdigit() else -1
         good = size >= wanted
-        rows.append(Row("dom0", f"private volume {qube}", good,
-                        human(size) if good else
-                        f"{human(size) if size >= 0 else 'unknown'}, want {human(wanted)}: run the"
-                        f" dom0 role (qvm-volume extend {qube}:private {human(wanted)})"))  # fmt: skip
+        rows.append(
+            Row(
+                "dom0",
+                f"private volume {qube}",
+                good,
+                human(size)
+                if good
+                else f"{human(size) if size >= 0 else 'unknown'}, want {human(wanted)}: run the"
+                f" dom0 role (qvm-volume extend {qube}:private {human(wanted)})",
+            )
+        )
     return rows
 
 
@@ -314,12 +422,18 @@ def flows_row(flows: Mapping[str, Any]) -> Row:
     said = str(flows.get("stdout", "")).strip().splitlines()
     message = said[0] if said else "the check printed nothing"
     good = flows.get("rc") == 0
-    return Row("dom0", "policy flow matrix", good,
-               message if good else f"{message}: run the dom0 role, and remove rules of other"
-               " files in /etc/qubes/policy.d that come before its own")  # fmt: skip
+    return Row(
+        "dom0",
+        "policy flow matrix",
+        good,
+        message
+        if good
+        else f"{message}: run the dom0 role, and remove rules of other"
+        " files in /etc/qubes/policy.d that come before its own",
+    )
 
 
-# -- the report --------------------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 def qube_rows(entry: Mapping[str, Any], exported: Mapping[str, str]) -> list[Row]:
     qube, kind, expect = str(entry["qube"]), entry["kind"], entry["expect"]
     facts = entry.get("facts")
@@ -344,8 +458,12 @@ def table(rows: list[Row]) -> list[str]:
     return [line(heading, "    "), *(line(row, "ok" if row.ok else "FAIL") for row in rows)]
 
 
-def report(entries: Iterable[Mapping[str, Any]], exported: Mapping[str, str],
-           volumes: Iterable[Mapping[str, Any]], flows: Mapping[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+def report(
+    entries: Iterable[Mapping[str, Any]],
+    exported: Mapping[str, str],
+    volumes: Iterable[Mapping[str, Any]],
+    flows: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     rows = [row for entry in entries for row in qube_rows(entry, exported)]
     rows += volume_rows(volumes)
     if flows:
