@@ -69,14 +69,25 @@ def listed(values: Iterable[str]) -> str:
     return shown(", ".join(values)) or "none"
 
 
+def check(qube: str, name: str, ok: bool, found: str, fix: str) -> Row:
+    """A row that shows what was found when the check passed, and how to fix it when not."""
+    return Row(qube, name, ok, found if ok else fix)
+
+
+def mapping(facts: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = facts.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 # -- keys qubes ------------------------------------------------------------------------------------
 def signing_key(expect: Mapping[str, Any], exported: Mapping[str, str]) -> tuple[str, str]:
     """The key the environment signs with, and where that comes from."""
     named = str(expect.get("sign_key") or "").upper()
     if named:
         return named, f"build_infra_envs.{expect['env']}.sign_key"
-    keys_vm = str(expect["keys_vm"])
-    return exported.get(keys_vm, ""), f"the key exported to {expect['exported_file']}"
+    return exported.get(
+        str(expect["keys_vm"]), ""
+    ), f"the key exported to {expect['exported_file']}"
 
 
 def keys_rows(
@@ -85,38 +96,29 @@ def keys_rows(
     wanted, source = signing_key(expect, exported)
     held = fingerprints(fact(facts, "secret_keys"))
     if not wanted:
-        return [
-            Row(
-                qube,
-                "signing key",
-                False,
-                f"the env names no sign_key and no public key was exported to"
-                f" {expect['exported_file']}: set build_infra_envs.{expect['env']}.sign_key,"
-                " or run the keys_vm role",
-            )
-        ]
-    if wanted in held:
-        return [Row(qube, "signing key", True, f"{wanted} ({source})")]
-    return [
-        Row(
-            qube,
-            "signing key",
-            False,
-            f"{wanted} ({source}) is not here (found {listed(held)}): give its secret key in"
-            " keys_vm_secret_key and run the keys_vm role",
+        fix = (
+            "the env names no sign_key and no public key was exported to"
+            f" {expect['exported_file']}: set build_infra_envs.{expect['env']}.sign_key, or run"
+            " the keys_vm role"
         )
+    else:
+        fix = (
+            f"{wanted} ({source}) is not here (found {listed(held)}): give its secret key in"
+            " keys_vm_secret_key and run the keys_vm role"
+        )
+    return [
+        check(qube, "signing key", bool(wanted) and wanted in held, f"{wanted} ({source})", fix)
     ]
 
 
 # -- build qubes -----------------------------------------------------------------------------------
 def no_secret_key(qube: str, facts: Mapping[str, Any], allowed: str = "") -> Row:
     held = [key for key in fingerprints(fact(facts, "secret_keys")) if key != allowed]
-    if not held:
-        return Row(qube, "no other secret key", True, "none" if not allowed else f"only {allowed}")
-    return Row(
+    return check(
         qube,
         "no other secret key",
-        False,
+        not held,
+        f"only {allowed}" if allowed else "none",
         f"found {listed(held)}: delete them (gpg --delete-secret-keys FPR in {qube});"
         " signing keys live in the keys qubes only",
     )
@@ -125,13 +127,12 @@ def no_secret_key(qube: str, facts: Mapping[str, Any], allowed: str = "") -> Row
 def upload_key_row(qube: str, facts: Mapping[str, Any]) -> Row:
     mode = shown(fact(facts, "upload_key_mode"))
     valid = fact(facts, "upload_key_valid") == "0"
-    if mode == "600" and valid:
-        return Row(qube, "upload ssh key", True, "~/.ssh/id_ed25519, mode 0600")
     found = "missing" if not mode else (f"mode {mode}" if valid else "not a private key")
-    return Row(
+    return check(
         qube,
         "upload ssh key",
-        False,
+        mode == "600" and valid,
+        "~/.ssh/id_ed25519, mode 0600",
         f"~/.ssh/id_ed25519 {found}: give build_vm_upload_ssh_key (Ansible Vault) and run"
         " the build_vm role (it writes it 0600)",
     )
@@ -140,8 +141,8 @@ def upload_key_row(qube: str, facts: Mapping[str, Any]) -> Row:
 def ssh_user(settings: str) -> str:
     """The user `ssh -G` says ssh logs in as."""
     for line in settings.splitlines():
-        keyword, _, value = line.partition(" ")
-        if keyword == "user":
+        keyword, space, value = line.partition(" ")
+        if keyword == "user" and space:
             return value.strip()
     return ""
 
@@ -158,35 +159,17 @@ def host_keys(known: str) -> set[str]:
 
 def remote_host_rows(qube: str, facts: Mapping[str, Any], hosts: Mapping[str, Any]) -> list[Row]:
     rows = []
-    users = facts.get("ssh_settings") if isinstance(facts.get("ssh_settings"), dict) else {}
-    known = facts.get("known_hosts") if isinstance(facts.get("known_hosts"), dict) else {}
     for host, settings in sorted(hosts.items()):
-        wanted_user = str(settings.get("user") or "user")
-        user = ssh_user(fact(users, host))
-        rows.append(
-            Row(
-                qube,
-                f"ssh user {host}",
-                user == wanted_user,
-                wanted_user
-                if user == wanted_user
-                else f"ssh logs in as {shown(user) or 'nobody'}, not {wanted_user}: run the"
-                " build_vm role (build_infra_remote_hosts)",
-            )
-        )
+        wanted = str(settings.get("user") or "user")
+        user = ssh_user(fact(mapping(facts, "ssh_settings"), host))
+        rows.append(check(qube, f"ssh user {host}", user == wanted, wanted,
+                          f"ssh logs in as {shown(user) or 'nobody'}, not {wanted}: run the"
+                          " build_vm role (build_infra_remote_hosts)"))  # fmt: skip
         key = " ".join(str(settings.get("host_key", "")).split()[:2])
-        good = key in host_keys(fact(known, host))
-        rows.append(
-            Row(
-                qube,
-                f"known_hosts {host}",
-                good,
-                shown(key)
-                if good
-                else f"~/.ssh/known_hosts lacks its host key {shown(key)}: run the build_vm"
-                f" role (build_infra_remote_hosts.{host}.host_key)",
-            )
-        )
+        known = host_keys(fact(mapping(facts, "known_hosts"), host))
+        rows.append(check(qube, f"known_hosts {host}", key in known, shown(key),
+                          f"~/.ssh/known_hosts lacks its host key {shown(key)}: run the build_vm"
+                          f" role (build_infra_remote_hosts.{host}.host_key)"))  # fmt: skip
     return rows
 
 
@@ -213,31 +196,17 @@ def verified_tags(output: str) -> list[str]:
 
 def checkout_rows(qube: str, directory: str, facts: Mapping[str, Any], commit: str) -> list[Row]:
     head = fact(facts, "head").strip()
-    at_pin = head == commit
-    rows = [
-        Row(
-            qube,
-            f"{directory} at pin",
-            at_pin,
-            commit
-            if at_pin
-            else f"at {shown(head) or 'no commit'}, pinned {commit or 'nothing'}: move the"
-            " checkout away and run the build_vm role (or pin build_vm_builder_commit)",
-        )
-    ]
+    at_pin = bool(commit) and head == commit
     tags = verified_tags(fact(facts, "tags"))
-    rows.append(
-        Row(
-            qube,
-            f"{directory} signed tag",
-            at_pin and bool(tags),
-            f"{listed(tags)}, signature verified"
-            if at_pin and tags
-            else "no tag on the pinned commit verifies with the build qube's trusted keys: pin"
-            " a signed release tag's commit; trust its signer (build_vm_trusted_keys)",
-        )
-    )
-    return rows
+    return [
+        check(qube, f"{directory} at pin", at_pin, commit,
+              f"at {shown(head) or 'no commit'}, pinned {commit or 'nothing'}: move the checkout"
+              " away and run the build_vm role (or pin build_vm_builder_commit)"),
+        check(qube, f"{directory} signed tag", at_pin and bool(tags),
+              f"{listed(tags)}, signature verified",
+              "no tag on the pinned commit verifies with the build qube's trusted keys: pin a"
+              " signed release tag's commit; trust its signer (build_vm_trusted_keys)"),
+    ]  # fmt: skip
 
 
 def makefile_lines(text: str) -> list[str]:
@@ -264,76 +233,39 @@ def effective(output: str) -> dict[str, str]:
 
 def conf_rows(qube: str, directory: str, facts: Mapping[str, Any], sign_key: str) -> list[Row]:
     conf = f"{directory}/builder.conf"
-    text, output = fact(facts, "conf"), fact(facts, "conf_values")
+    output = fact(facts, "conf_values")
     if fact(facts, "conf_rc") != "0" or fact(facts, "conf_values_rc") != "0":
-        return [
-            Row(
-                qube,
-                f"{conf}",
-                False,
-                f"cannot be read with make ({shown(output) or 'no such file'}): run the"
-                " build_vm role (it links it to builders[].config_file)",
-            )
-        ]
-    lines, values = makefile_lines(text), effective(output)
+        return [Row(qube, conf, False,
+                    f"cannot be read with make ({shown(output) or 'no such file'}): run the"
+                    " build_vm role (it links it to builders[].config_file)")]  # fmt: skip
+    lines, values = makefile_lines(fact(facts, "conf")), effective(output)
 
-    def row(rule: str, ok: bool, good: str, fix: str) -> Row:
-        return Row(qube, f"builder.conf {rule}", ok, good if ok else f"{conf}: {fix}")
+    def rule(name: str, ok: bool, found: str, fix: str) -> Row:
+        return check(qube, f"builder.conf {name}", ok, found, f"{conf}: {fix}")
 
+    no_sign, key = values.get("NO_SIGN", ""), values.get("SIGN_KEY", "").upper()
     rows = [
-        row(
-            "no NO_SIGN",
-            not values.get("NO_SIGN"),
-            "unset",
-            f"NO_SIGN is {shown(values.get('NO_SIGN', ''))}: remove it, builds must be signed",
-        ),
-        row(
-            "SIGN_KEY",
-            values.get("SIGN_KEY", "").upper() == sign_key and bool(sign_key),
-            sign_key,
-            f"SIGN_KEY is {shown(values.get('SIGN_KEY', '')) or 'unset'}, not"
-            f" {sign_key or 'known'}: run the build_vm role (SIGN_KEY in ~/builder-github.conf);"
-            " the release configuration must not set it",
-        ),
-    ]
+        rule("no NO_SIGN", not no_sign, "unset",
+             f"NO_SIGN is {shown(no_sign)}: remove it, builds must be signed"),
+        rule("SIGN_KEY", bool(sign_key) and key == sign_key, sign_key,
+             f"SIGN_KEY is {shown(key) or 'unset'}, not {sign_key or 'known'}: run the build_vm"
+             " role (SIGN_KEY in ~/builder-github.conf); release configurations must not set it"),
+    ]  # fmt: skip
     for name in SET_WITH_DEFAULT:
         operators = assignments(lines, name)
-        good = bool(operators) and set(operators) <= {"?=", "+="} and bool(values.get(name))
+        ok = bool(operators) and set(operators) <= {"?=", "+="} and bool(values.get(name))
         found = ", ".join(f"{name} {operator}" for operator in operators) or "unset"
-        rows.append(
-            row(
-                f"{name} ?=",
-                good,
-                shown(values.get(name, "")),
-                f"{found}: set it with {name} ?= so builder-github can choose",
-            )
-        )
-    components = values.get("COMPONENTS", "").split()
-    rows.append(
-        row(
-            "builder-github",
-            "builder-github" in components,
-            "in COMPONENTS",
-            "add builder-github to COMPONENTS",
-        )
-    )
-    rows.append(
-        row(
-            "LINUX_REPO_BASEDIR",
-            bool(values.get("LINUX_REPO_BASEDIR")),
-            shown(values.get("LINUX_REPO_BASEDIR", "")),
-            "set LINUX_REPO_BASEDIR to the release's repository folder",
-        )
-    )
-    included = any(INCLUDE_GITHUB_CONF.match(line) for line in lines)
-    rows.append(
-        row(
-            "includes builder-github.conf",
-            included,
-            "yes",
-            "add include $(HOME)/builder-github.conf",
-        )
-    )
+        fix = f"{found}: set it with {name} ?= so builder-github can choose"
+        rows.append(rule(f"{name} ?=", ok, shown(values.get(name, "")), fix))
+    basedir = values.get("LINUX_REPO_BASEDIR", "")
+    rows += [
+        rule("builder-github", "builder-github" in values.get("COMPONENTS", "").split(),
+             "in COMPONENTS", "add builder-github to COMPONENTS"),
+        rule("LINUX_REPO_BASEDIR", bool(basedir), shown(basedir),
+             "set LINUX_REPO_BASEDIR to the release's repository folder"),
+        rule("includes builder-github.conf", any(map(INCLUDE_GITHUB_CONF.match, lines)), "yes",
+             "add include $(HOME)/builder-github.conf"),
+    ]  # fmt: skip
     return rows
 
 
@@ -342,12 +274,11 @@ def build_rows(
 ) -> list[Row]:
     rows = [no_secret_key(qube, facts), upload_key_row(qube, facts)]
     rows += remote_host_rows(qube, facts, expect.get("remote_hosts") or {})
-    sign_key, _ = signing_key(expect, exported)
-    builders = facts.get("builders") if isinstance(facts.get("builders"), dict) else {}
+    sign_key = signing_key(expect, exported)[0]
+    commit = str(expect.get("builder_commit") or "")
     for directory in expect.get("builders") or []:
-        found = builders.get(directory)
-        found = found if isinstance(found, dict) else {}
-        rows += checkout_rows(qube, directory, found, str(expect.get("builder_commit") or ""))
+        found = mapping(mapping(facts, "builders"), directory)
+        rows += checkout_rows(qube, directory, found, commit)
         rows += conf_rows(qube, directory, found, sign_key)
     return rows
 
@@ -355,38 +286,21 @@ def build_rows(
 # -- logs qubes ------------------------------------------------------------------------------------
 def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) -> list[Row]:
     key = str(expect.get("logs_key") or "").upper()
-    public = key in fingerprints(fact(facts, "public_keys"), "pub")
+    public = bool(key) and key in fingerprints(fact(facts, "public_keys"), "pub")
     trusted = f"{key}:6:" in fact(facts, "ownertrust").splitlines()
-    secret = key in fingerprints(fact(facts, "secret_keys"))
+    secret = bool(key) and key in fingerprints(fact(facts, "secret_keys"))
     mode = shown(fact(facts, "deploy_key_mode"))
-    fix_key = "give build_logs_public_key and build_logs_secret_key, run the build_logs role"
+    named = key or "build_logs_key_fingerprint unset"
+    give = "give build_logs_public_key and build_logs_secret_key, run the build_logs role"
     return [
-        Row(
-            qube,
-            "logs key public, trusted",
-            bool(key) and public and trusted,
-            key
-            if public and trusted
-            else f"{key or 'build_logs_key_fingerprint unset'}"
-            f" {'not ultimately trusted' if public else 'missing'}: {fix_key}",
-        ),
-        Row(
-            qube,
-            "logs key secret",
-            bool(key) and secret,
-            "present" if secret else f"missing: {fix_key}",
-        ),
+        check(qube, "logs key public, trusted", public and trusted, key,
+              f"{named} {'not ultimately trusted' if public else 'missing'}: {give}"),
+        check(qube, "logs key secret", secret, "present", f"{named} missing: {give}"),
         no_secret_key(qube, facts, allowed=key),
-        Row(
-            qube,
-            "deploy key",
-            mode == "600",
-            "~/.ssh/build-logs-deploy-key, mode 0600"
-            if mode == "600"
-            else f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
-            " build_logs_deploy_key and run the build_logs role (it writes it 0600)",
-        ),
-    ]
+        check(qube, "deploy key", mode == "600", "~/.ssh/build-logs-deploy-key, mode 0600",
+              f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
+              " build_logs_deploy_key and run the build_logs role (it writes it 0600)"),
+    ]  # fmt: skip
 
 
 # -- dom0 ------------------------------------------------------------------------------------------
@@ -401,36 +315,21 @@ def volume_rows(volumes: Iterable[Mapping[str, Any]]) -> list[Row]:
     rows = []
     for volume in volumes:
         qube, wanted = str(volume["qube"]), int(volume["wanted"])
-        text = str(volume.get("size", "")).strip()
-        size = int(text) if text.isdigit() else -1
-        good = size >= wanted
-        rows.append(
-            Row(
-                "dom0",
-                f"private volume {qube}",
-                good,
-                human(size)
-                if good
-                else f"{human(size) if size >= 0 else 'unknown'}, want {human(wanted)}: run the"
-                f" dom0 role (qvm-volume extend {qube}:private {human(wanted)})",
-            )
-        )
+        said = str(volume.get("size", "")).strip()
+        size = int(said) if said.isdigit() else -1
+        found = human(size) if size >= 0 else "unknown"
+        rows.append(check("dom0", f"private volume {qube}", size >= wanted, found,
+                          f"{found}, want {human(wanted)}: run the dom0 role (qvm-volume extend"
+                          f" {qube}:private {human(wanted)})"))  # fmt: skip
     return rows
 
 
 def flows_row(flows: Mapping[str, Any]) -> Row:
     said = str(flows.get("stdout", "")).strip().splitlines()
     message = said[0] if said else "the check printed nothing"
-    good = flows.get("rc") == 0
-    return Row(
-        "dom0",
-        "policy flow matrix",
-        good,
-        message
-        if good
-        else f"{message}: run the dom0 role, and remove rules of other"
-        " files in /etc/qubes/policy.d that come before its own",
-    )
+    return check("dom0", "policy flow matrix", flows.get("rc") == 0, message,
+                 f"{message}: run the dom0 role, and remove rules of other files in"
+                 " /etc/qubes/policy.d that come before its own")  # fmt: skip
 
 
 # -- the report ------------------------------------------------------------------------------------

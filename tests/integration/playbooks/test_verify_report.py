@@ -137,10 +137,12 @@ def checkout_moved(chain: Chain) -> Iterator[None]:
 
 
 def release_conf_edit(command: str) -> Callable[[Chain], contextmanager[None]]:
+    """A shell command run on the release configuration builder.conf links to ({conf})."""
+
     @contextmanager
     def edit(chain: Chain) -> Iterator[None]:
         with file_in_qube("build-fedora", RELEASE_CONF):
-            changed = in_qube("build-fedora", f"{command} {RELEASE_CONF}")
+            changed = in_qube("build-fedora", command.format(conf=RELEASE_CONF))
             assert changed.returncode == 0, changed.stderr
             yield
 
@@ -235,27 +237,27 @@ CASES = {
         },
     ),
     "NO_SIGN": (
-        release_conf_edit("sed -i '$a NO_SIGN ?= 1'"),
+        release_conf_edit("echo 'NO_SIGN ?= 1' >> {conf}"),
         [],
         {("build-fedora", "builder.conf no NO_SIGN"): "NO_SIGN is 1: remove it"},
     ),
     "DISTS_VM forced": (
-        release_conf_edit("sed -i 's/^DISTS_VM ?=/DISTS_VM :=/'"),
+        release_conf_edit("sed -i 's/^DISTS_VM ?=/DISTS_VM :=/' {conf}"),
         [],
         {("build-fedora", "builder.conf DISTS_VM ?="): "DISTS_VM :=: set it with DISTS_VM ?="},
     ),
     "builder-github not built": (
-        release_conf_edit("sed -i 's/ builder-github$//'"),
+        release_conf_edit("sed -i 's/ builder-github//g' {conf}"),
         [],
         {("build-fedora", "builder.conf builder-github"): "add builder-github to COMPONENTS"},
     ),
     "LINUX_REPO_BASEDIR unset": (
-        release_conf_edit("sed -i '/^LINUX_REPO_BASEDIR/d'"),
+        release_conf_edit("sed -i '/^LINUX_REPO_BASEDIR/d' {conf}"),
         [],
         {("build-fedora", "builder.conf LINUX_REPO_BASEDIR"): "set LINUX_REPO_BASEDIR"},
     ),
     "builder-github.conf not included": (
-        release_conf_edit("sed -i '/^include/d'"),
+        release_conf_edit("sed -i '/^include/d' {conf}"),
         [],
         {
             ("build-fedora", "builder.conf includes builder-github.conf"): "add include",
