@@ -106,9 +106,6 @@ def file_in_qube(qube: str, path: str) -> Iterator[None]:
         in_qube(qube, f"cat > {path} && chmod {mode} {path}", input=saved.stdout)
 
 
-Break = Callable[[Chain], "contextmanager[None]"]
-
-
 @contextmanager
 def secret_key_in_build_qube(chain: Chain) -> Iterator[None]:
     made = in_qube(
@@ -211,116 +208,117 @@ def nothing(chain: Chain) -> Iterator[None]:
     yield
 
 
-def larger_volume() -> list[str]:
+def larger_volume() -> tuple[str, ...]:
     """The inventory's environments with build-fedora's private volume asked 30GiB."""
     group_vars = ROOT / "inventory/qubesim/group_vars/all/build_infra.yml"
     envs = yaml.safe_load(group_vars.read_text())["build_infra_envs"]
     envs["fedora"]["volume_size"] = "30GiB"
-    return ["-e", json.dumps({"build_infra_envs": envs})]
+    return ("-e", json.dumps({"build_infra_envs": envs}))
 
 
+@dataclass(frozen=True)
+class Case:
+    """A rule broken, the checks verify.yml runs for it (tags and qubes, as a user would limit
+    them), and the rows that must fail with a piece of their fix."""
+
+    breaking: Callable[[Chain], contextmanager[None]]
+    tags: str
+    qubes: tuple[str, ...]
+    expected: dict[tuple[str, str], str]
+    arguments: tuple[str, ...] = ()
+
+    def scope(self) -> tuple[str, ...]:
+        return ("--tags", self.tags, "--limit", ",".join(("dom0", *self.qubes)))
+
+
+FEDORA, KERNEL = ("build-fedora",), ("build-kernel",)
 CASES = {
-    "secret key in a build qube": (
-        secret_key_in_build_qube,
-        [],
+    "secret key in a build qube": Case(
+        secret_key_in_build_qube, "build", FEDORA,
         {("build-fedora", "no other secret key"): "gpg --delete-secret-keys"},
     ),
-    "checkout moved": (
-        checkout_moved,
-        [],
+    "checkout moved": Case(
+        checkout_moved, "build", KERNEL,
         {
-            (
-                "build-kernel",
-                f"{BUILDER} at pin",
-            ): "move the checkout away and run the build_vm role",
+            ("build-kernel", f"{BUILDER} at pin"): "move the checkout away",
             ("build-kernel", f"{BUILDER} signed tag"): "trust its signer",
         },
     ),
-    "NO_SIGN": (
-        release_conf_edit("echo 'NO_SIGN ?= 1' >> {conf}"),
-        [],
+    "NO_SIGN": Case(
+        release_conf_edit("echo 'NO_SIGN ?= 1' >> {conf}"), "build", FEDORA,
         {("build-fedora", "builder.conf no NO_SIGN"): "NO_SIGN is 1: remove it"},
     ),
-    "DISTS_VM forced": (
-        release_conf_edit("sed -i 's/^DISTS_VM ?=/DISTS_VM :=/' {conf}"),
-        [],
+    "DISTS_VM forced": Case(
+        release_conf_edit("sed -i 's/^DISTS_VM ?=/DISTS_VM :=/' {conf}"), "build", FEDORA,
         {("build-fedora", "builder.conf DISTS_VM ?="): "DISTS_VM :=: set it with DISTS_VM ?="},
     ),
-    "builder-github not built": (
-        release_conf_edit("sed -i 's/ builder-github//g' {conf}"),
-        [],
+    "builder-github not built": Case(
+        release_conf_edit("sed -i 's/ builder-github//g' {conf}"), "build", FEDORA,
         {("build-fedora", "builder.conf builder-github"): "add builder-github to COMPONENTS"},
     ),
-    "LINUX_REPO_BASEDIR unset": (
-        release_conf_edit("sed -i '/^LINUX_REPO_BASEDIR/d' {conf}"),
-        [],
+    "LINUX_REPO_BASEDIR unset": Case(
+        release_conf_edit("sed -i '/^LINUX_REPO_BASEDIR/d' {conf}"), "build", FEDORA,
         {("build-fedora", "builder.conf LINUX_REPO_BASEDIR"): "set LINUX_REPO_BASEDIR"},
     ),
-    "builder-github.conf not included": (
-        release_conf_edit("sed -i '/^include/d' {conf}"),
-        [],
+    "builder-github.conf not included": Case(
+        release_conf_edit("sed -i '/^include/d' {conf}"), "build", FEDORA,
         {
             ("build-fedora", "builder.conf includes builder-github.conf"): "add include",
             # SIGN_KEY came from there too.
             ("build-fedora", "builder.conf SIGN_KEY"): "SIGN_KEY is unset",
         },
     ),
-    "SIGN_KEY of another key": (
-        builder_github_conf_signs_with_another_key,
-        [],
+    "SIGN_KEY of another key": Case(
+        builder_github_conf_signs_with_another_key, "build", FEDORA,
         {("build-fedora", "builder.conf SIGN_KEY"): "run the build_vm role (SIGN_KEY in"},
     ),
-    "deploy key 0644": (
-        mode_0644("build-logs", "/home/user/.ssh/build-logs-deploy-key"),
-        [],
+    "deploy key 0644": Case(
+        mode_0644("build-logs", "/home/user/.ssh/build-logs-deploy-key"), "logs", ("build-logs",),
         {("build-logs", "deploy key"): "mode 644: give build_logs_deploy_key"},
     ),
-    "upload key 0644": (
-        mode_0644("build-kernel", "/home/user/.ssh/id_ed25519"),
-        [],
+    "upload key 0644": Case(
+        mode_0644("build-kernel", "/home/user/.ssh/id_ed25519"), "build", KERNEL,
         {("build-kernel", "upload ssh key"): "mode 644: give build_vm_upload_ssh_key"},
     ),
-    "host key forgotten": (
-        host_key_forgotten,
-        [],
-        {(("build-kernel", f"known_hosts {UPLOAD_HOST}")): "lacks its host key"},
+    "host key forgotten": Case(
+        host_key_forgotten, "build", KERNEL,
+        {("build-kernel", f"known_hosts {UPLOAD_HOST}"): "lacks its host key"},
     ),
-    "ssh user overridden": (
-        ssh_user_overridden,
-        [],
+    "ssh user overridden": Case(
+        ssh_user_overridden, "build", KERNEL,
         {("build-kernel", f"ssh user {UPLOAD_HOST}"): "ssh logs in as intruder, not root"},
     ),
-    "signing key not in its keys qube": (
-        exported_key_of_another_env,
-        [],
+    "signing key not in its keys qube": Case(
+        exported_key_of_another_env, "keys,build", ("keys-kernel", "build-kernel"),
         {
             ("keys-kernel", "signing key"): "is not here",
             ("build-kernel", "builder.conf SIGN_KEY"): "run the build_vm role",
         },
     ),
-    "volume smaller than the inventory's": (
-        nothing,
-        larger_volume(),
+    "volume smaller than the inventory's": Case(
+        nothing, "volumes", (),
         {("dom0", "private volume build-fedora"): "20GiB, want 30GiB: run the dom0 role"},
+        larger_volume(),
     ),
-    "wrong policy flow": (
-        policy_sends_gpg_to_another_keys_qube,
-        [],
+    "wrong policy flow": Case(
+        policy_sends_gpg_to_another_keys_qube, "flows", (),
         {("dom0", "policy flow matrix"): "wrong flow: build-kernel -> keys-fedora qubes.Gpg"},
     ),
-}
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_broken_rule_is_named_with_its_fix(chain: Chain, baseline: Report, case: str) -> None:
-    breaking, arguments, expected = CASES[case]
-    with breaking(chain):
-        report = verify(chain, *arguments)
+@pytest.mark.parametrize("name", CASES)
+def test_a_broken_rule_is_named_with_its_fix(chain: Chain, baseline: Report, name: str) -> None:
+    case = CASES[name]
+    with case.breaking(chain):
+        report = verify(chain, *case.scope(), *case.arguments)
     assert report.returncode != 0
-    assert set(report.failed) == set(expected), report.failed
-    for row, fix in expected.items():
+    assert set(report.failed) == set(case.expected), report.failed
+    for row, fix in case.expected.items():
         assert fix in report.failed[row], report.failed[row]
-    assert f"{len(expected)} of 36 checks FAIL" in report.output
+    assert f"{len(case.expected)} of {len(report.rows)} checks FAIL" in report.output
+    # The same checks pass again once the rule is restored.
+    assert verify(chain, *case.scope()).returncode == 0
 
 
 def test_a_qube_that_cannot_be_reached_is_a_failed_row(chain: Chain, baseline: Report) -> None:
