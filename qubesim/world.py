@@ -7,8 +7,9 @@ release configurations from GitHub. Here, `qubesim world up` provides the same w
 * the logs repository: a bare git repository behind a real sshd, written with a deploy key, its
   history signed by a logs key made for this world;
 * read-only repositories behind `git daemon`: a stand-in for qubes-builder (its `auto-build`
-  streams a build's output to the logs qube, signs the artifact over split-GPG and uploads both)
-  and the release configurations;
+  streams a build's output to the logs qube, signs the artifact over split-GPG and uploads both),
+  whose commit carries a tag signed by a maintainer key made for this world, as qubes-builder's
+  releases do, and the release configurations, written like the real ones;
 * the upload server: the same sshd on a second port, where an upload key may only put files into
   the upload area over SFTP. Its name resolves only in the qubes that hold the physical network
   (sys-net): qubesim adds the world's `hosts` entries to their /etc/hosts at every start, so build
@@ -41,6 +42,8 @@ UPLOAD_HOST = "upload.qubesim.invalid"
 GIT_PORT = 9418
 LOOPBACK = "127.0.0.1"
 LOGS_KEY_UID = "Build logs (qubesim world) <logs@qubesim.invalid>"
+MAINTAINER_KEY_UID = "qubes-builder maintainer (qubesim world) <builder@qubesim.invalid>"
+BUILDER_TAG = "v4.2.0"
 TOOLS = ("/usr/sbin/sshd", "/usr/bin/ssh-keygen", "/usr/bin/git", "/usr/bin/gpg")
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "qubesim world",
@@ -108,12 +111,17 @@ class World:
 
 
 # -- making the world (once) -----------------------------------------------------------------------
-def _logs_key(world: World) -> tuple[str, str, str]:
-    world.gnupg.mkdir(mode=0o700)
-    world.run("gpg", "--batch", "--passphrase", "", "--quick-gen-key", LOGS_KEY_UID, "ed25519",
+def _key(world: World, uid: str) -> str:
+    """A new signing key in the world's keyring; its fingerprint."""
+    world.gnupg.mkdir(mode=0o700, exist_ok=True)
+    world.run("gpg", "--batch", "--passphrase", "", "--quick-gen-key", uid, "ed25519",
               "sign", "never")  # fmt: skip
-    listing = world.run("gpg", "--with-colons", "--list-secret-keys", LOGS_KEY_UID)
-    fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line[:4] == "fpr:")
+    listing = world.run("gpg", "--with-colons", "--list-secret-keys", uid)
+    return next(line.split(":")[9] for line in listing.splitlines() if line[:4] == "fpr:")
+
+
+def _logs_key(world: World) -> tuple[str, str, str]:
+    fingerprint = _key(world, LOGS_KEY_UID)
     public = world.run("gpg", "--armor", "--export", fingerprint)
     secret = world.run("gpg", "--batch", "--armor", "--export-secret-keys", fingerprint)
     return fingerprint, public, secret
@@ -135,14 +143,39 @@ def _repository(
     return world.run("git", "rev-parse", "HEAD", cwd=work).strip()
 
 
+def _signed_tag(world: World, name: str, tag: str, signing_key: str) -> None:
+    """A tag on the tip of repository `name`, signed as qubes-builder's maintainers sign theirs
+    (its scripts/verify-git-tag checks such a tag on the commit a checkout is at)."""
+    bare = world.directory / "git" / f"{name}.git"
+    world.run("git", "--git-dir", str(bare), "tag", "--sign", "--local-user", signing_key,
+              "-m", f"{name} {tag}", tag, "HEAD")  # fmt: skip
+
+
 def _release_configs(world: World) -> Path:
+    """A release configuration as the build machines' are written: what to build with `?=`, so
+    that builder-github's per-build settings win; where the repositories are; the settings of
+    the build qube (its signing key among them) from ~/builder-github.conf."""
     configs = world.directory / "files" / "release-configs"
     (configs / "R4.2").mkdir(parents=True)
     # What each build environment builds: a push of another component starts nothing there.
-    for name, components in (("host", "core-admin gui-daemon"), ("kernel", "linux-kernel")):
+    for name, components in (
+        ("host", "vmm-xen core-libvirt core-admin core-admin-client gui-daemon linux-utils"),
+        ("kernel", "linux-kernel"),
+    ):
         (configs / "R4.2" / f"qubes-os-r4.2-{name}.conf").write_text(
-            f"RELEASE := 4.2\nCOMPONENTS ?= {components} builder-github\n"
+            f"# Qubes OS R4.2, the {name} packages.\n"
+            "RELEASE := 4.2\n"
+            "BRANCH ?= release4.2\n"
+            "GIT_BASEURL ?= https://github.com\n"
+            "GIT_PREFIX ?= QubesOS/qubes-\n"
+            "DIST_DOM0 ?= fc37\n"
+            "DISTS_VM ?= fc37 bookworm\n"
+            f"COMPONENTS ?= {components} \\\n"
+            "    builder-rpm builder-debian builder-github\n"
+            "BUILDER_PLUGINS ?= builder-rpm builder-debian builder-github\n"
+            "LINUX_REPO_BASEDIR ?= $(SRC_DIR)/linux-yum/current-release\n"
             f"UPLOAD_HOST := {UPLOAD_HOST}\n"
+            "include $(HOME)/builder-github.conf\n"
         )
     return configs
 
@@ -197,6 +230,8 @@ def make(world: World) -> None:
     (logs / "README.md").write_text("Build logs of the qubesim world\n")
     _repository(world, "build-logs", logs, signing_key=fingerprint)
     builder_commit = _repository(world, "qubes-builder", _builder_files())
+    maintainer = _key(world, MAINTAINER_KEY_UID)
+    _signed_tag(world, "qubes-builder", BUILDER_TAG, maintainer)
     _repository(world, "release-configs", _release_configs(world), branch="main")
     ssh = world.directory / "ssh"
     host_key = " ".join((ssh / "host_key.pub").read_text().split()[:2])
@@ -209,7 +244,8 @@ def make(world: World) -> None:
         "build_logs_known_hosts": [f"[{LOOPBACK}]:{SSH_PORT} {host_key}"],
         "build_vm_builder_repo_url": f"git://{LOOPBACK}:{GIT_PORT}/qubes-builder.git",
         "build_vm_builder_commit": builder_commit,
-        "build_vm_required_keys": [],
+        "build_vm_required_keys": [maintainer],
+        "build_vm_trusted_keys": {maintainer: world.run("gpg", "--armor", "--export", maintainer)},
         **_upload_variables(world, host_key),
         "keys_vm_generate_key": True,
         "webhooks_secret": os.urandom(32).hex(),
