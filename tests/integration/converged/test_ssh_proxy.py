@@ -10,17 +10,7 @@ from datetime import UTC, datetime
 
 from qubesim import world
 from tests.integration.conftest import Policy, audit_since, run_tool
-from tests.integration.roles import test_signing_chain
-from tests.integration.roles.test_signing_chain import (
-    BUILDER,
-    Chain,
-    build,
-    in_qube,
-    verify_signature,
-)
-
-# The infrastructure converged with the world's variables, as the signing chain's tests have it.
-converged = test_signing_chain.chain
+from tests.integration.converged.chain import BUILDER, Chain, build, in_qube, verify_signature
 
 NET = "sys-net"
 SERVICE = "/usr/local/etc/qubes-rpc/local.ConnectSSH"
@@ -54,7 +44,7 @@ def from_dom0(service: str) -> tuple[int, str, str]:
     return called.returncode, called.stdout, called.stderr
 
 
-def test_the_upload_host_settings_win_over_the_proxy_defaults(converged: Chain) -> None:
+def test_the_upload_host_settings_win_over_the_proxy_defaults(chain: Chain) -> None:
     # ssh -G prints the settings ssh would use: the host's own block (build_vm) comes first.
     settings = in_qube("build-fedora", f"ssh -G {world.UPLOAD_HOST}").stdout.splitlines()
     assert "user root" in settings
@@ -67,7 +57,7 @@ def test_the_upload_host_settings_win_over_the_proxy_defaults(converged: Chain) 
     ]
 
 
-def test_the_upload_host_resolves_only_in_the_net_qube(converged: Chain) -> None:
+def test_the_upload_host_resolves_only_in_the_net_qube(chain: Chain) -> None:
     resolved = in_qube(NET, f"getent hosts {world.UPLOAD_HOST}")
     assert resolved.returncode == 0 and resolved.stdout.split()[0] == "127.0.0.1"
     for qube in ("build-fedora", "sys-firewall"):
@@ -75,7 +65,7 @@ def test_the_upload_host_resolves_only_in_the_net_qube(converged: Chain) -> None
 
 
 def test_only_a_qube_holding_the_physical_network_learns_the_worlds_names(
-    converged: Chain, new_name: Callable[[], str]
+    chain: Chain, new_name: Callable[[], str]
 ) -> None:
     holder, behind = new_name(), new_name()
     for name, netvm in ((holder, ""), (behind, "sys-firewall")):
@@ -85,7 +75,7 @@ def test_only_a_qube_holding_the_physical_network_learns_the_worlds_names(
     assert in_qube(behind, f"getent hosts {world.UPLOAD_HOST}").returncode != 0
 
 
-def test_a_build_uploads_its_artifact_and_signature_through_the_proxy(converged: Chain) -> None:
+def test_a_build_uploads_its_artifact_and_signature_through_the_proxy(chain: Chain) -> None:
     component = f"upload-{time.time_ns()}"
     close_connections("build-fedora")
     started = datetime.now(UTC)
@@ -93,12 +83,12 @@ def test_a_build_uploads_its_artifact_and_signature_through_the_proxy(converged:
     assert built.returncode == 0, built.stdout + built.stderr
     assert f"uploaded {component}.tar and its signature to {world.UPLOAD_HOST}" in built.stdout
 
-    uploaded = converged.world.uploads / f"{component}.tar"
+    uploaded = chain.world.uploads / f"{component}.tar"
     out = f"{BUILDER}/artifacts/{component}"
     artifact = in_qube("build-fedora", f"cat {out}/{component}.tar").stdout
     assert uploaded.read_text() == artifact
-    signature = (converged.world.uploads / f"{component}.tar.asc").read_text()
-    assert verify_signature(converged, "keys-fedora", artifact, signature)
+    signature = (chain.world.uploads / f"{component}.tar.asc").read_text()
+    assert verify_signature(chain, "keys-fedora", artifact, signature)
 
     close_connections("build-fedora")
     [call] = calls(started, "build-fedora", UPLOAD, wait=30)
@@ -106,7 +96,7 @@ def test_a_build_uploads_its_artifact_and_signature_through_the_proxy(converged:
     assert str(call["rule"]).startswith("/etc/qubes/policy.d/20-")
 
 
-def test_ssh_to_a_host_not_listed_is_refused_by_policy(converged: Chain) -> None:
+def test_ssh_to_a_host_not_listed_is_refused_by_policy(chain: Chain) -> None:
     started = datetime.now(UTC)
     refused = in_qube("build-fedora", "ssh -o BatchMode=yes elsewhere.example true")
     assert refused.returncode != 0
@@ -114,7 +104,7 @@ def test_ssh_to_a_host_not_listed_is_refused_by_policy(converged: Chain) -> None
     assert call["decision"] == "deny" and call["actual_target"] == ""
 
 
-def test_the_service_connects_listed_hosts_only_when_called_directly(converged: Chain) -> None:
+def test_the_service_connects_listed_hosts_only_when_called_directly(chain: Chain) -> None:
     code, banner, _ = from_dom0(UPLOAD)
     assert banner.startswith("SSH-2.0-"), (code, banner)
     for host in ("elsewhere.example", "localhost", "upload.qubesim", f"x{world.UPLOAD_HOST}"):
@@ -129,7 +119,7 @@ def test_the_service_connects_listed_hosts_only_when_called_directly(converged: 
 
 
 def test_the_service_refuses_an_unlisted_host_that_a_wrong_policy_allows(
-    converged: Chain, policy: Policy
+    chain: Chain, policy: Policy
 ) -> None:
     policy(f"local.ConnectSSH +localhost build-fedora {NET} allow", name="10-wrong-ssh.policy")
     started = datetime.now(UTC)
@@ -140,9 +130,7 @@ def test_the_service_refuses_an_unlisted_host_that_a_wrong_policy_allows(
     assert call["decision"] == "allow" and call["exit_code"] != 0
 
 
-def test_a_qube_outside_the_infrastructure_cannot_use_the_proxy(
-    converged: Chain, appvm: str
-) -> None:
+def test_a_qube_outside_the_infrastructure_cannot_use_the_proxy(chain: Chain, appvm: str) -> None:
     started = datetime.now(UTC)
     refused = in_qube(appvm, f"qrexec-client-vm {NET} {UPLOAD}")
     assert refused.returncode == 126 and refused.stdout == ""

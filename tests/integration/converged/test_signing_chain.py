@@ -4,82 +4,14 @@ Every way it must fail is tried through the same qubes, policy and services as i
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
 
 from qubesim import world
-from qubesim.layout import current
-from tests.integration.conftest import (
-    Policy,
-    as_root,
-    run_tool,
-    site,
-)
+from tests.integration.conftest import Policy, as_root, run_tool
+from tests.integration.converged.chain import BUILDER, Chain, build, in_qube, verify_signature
 
 STAT = "/run/qubes-gpg-split/stat.{}"
-
-
-@dataclass
-class Chain:
-    world: world.World
-    variables: Path
-    public_keys: Path
-
-    def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
-        return site("-e", f"@{self.variables}", *arguments)
-
-    def logs(self, *arguments: str) -> subprocess.CompletedProcess[str]:
-        """git on the logs repository, with the keyring that verifies the logs key."""
-        return subprocess.run(
-            ["git", "--git-dir", str(self.world.logs_repository), *arguments],
-            env=self.world.environment(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-
-    @property
-    def logs_key(self) -> str:
-        return str(self.world.variables()["build_logs_key_fingerprint"])
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    outside = world.World(current())
-    world.up(outside)
-    place = tmp_path_factory.mktemp("chain")
-    variables = place / "vars.json"
-    variables.write_text(
-        json.dumps(
-            {
-                **outside.variables(),
-                "keys_vm_key_algorithm": "ed25519",
-                "keys_vm_public_keys_dir": str(place / "public-keys"),
-            }
-        )
-    )
-    variables.chmod(0o600)
-    # The qubes outlive a test run (when they exist yet), and the world may have been made anew
-    # since.
-    as_root("build-logs", "rm -rf /home/user/QubesIncomingBuildLog", check=False)
-    for env in ("fedora", "kernel"):
-        as_root(f"build-{env}", "rm -rf /home/user/builder-r4.2", check=False)
-    chain = Chain(outside, variables, place / "public-keys")
-    first = chain.play()
-    assert first.returncode == 0, first.stdout + first.stderr
-    yield chain
-
-
-def in_qube(qube: str, command: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """A command as the qube's user, in a login shell as qrexec services and users have."""
-    return run_tool("qvm-run", "--pass-io", qube, f"bash -lc {json.dumps(command)}",
-                    input=input, check=False)  # fmt: skip
 
 
 def send_log(build_qube: str, text: str) -> subprocess.CompletedProcess[str]:
@@ -215,39 +147,12 @@ def test_a_keys_qube_with_a_network_is_refused(chain: Chain) -> None:
     assert "keys-kernel has netvm sys-firewall: a keys qube holds a signing key" in refused.stdout
 
 
-BUILDER = "/home/user/builder-r4.2"
-
-
-def build(qube: str, component: str, **settings: str) -> subprocess.CompletedProcess[str]:
-    """The test builder's auto-build in a build qube, as builder-github starts it."""
-    variables = " ".join(f"{name}={value}" for name, value in settings.items())
-    return in_qube(qube, f"{variables} {BUILDER}/scripts/auto-build {component}")
-
-
 def stored_lines(chain: Chain, name: str) -> list[str]:
     """The lines a build sent, as stored in the logs repository (without time and source)."""
     text = chain.logs("show", f"master:{name}").stdout
     lines = [line.split(": ", 1)[1] for line in text.splitlines()]
     assert lines[0] == "> starting log" and lines[-1] == "> closing log", lines
     return lines[1:-1]
-
-
-def verify_signature(chain: Chain, keys_qube: str, data: str, signature: str) -> bool:
-    keyring = chain.world.directory / f"verify-{keys_qube}"
-    keyring.mkdir(mode=0o700, exist_ok=True)
-    environment = {"GNUPGHOME": str(keyring), "PATH": "/usr/bin:/bin"}
-    public_key = (chain.public_keys / f"{keys_qube}.asc").read_text()
-    subprocess.run(["gpg", "--batch", "--import"], input=public_key, env=environment,
-                   text=True, capture_output=True, check=True)  # fmt: skip
-    (keyring / "data").write_text(data)
-    (keyring / "data.asc").write_text(signature)
-    verified = subprocess.run(
-        ["gpg", "--batch", "--verify", str(keyring / "data.asc"), str(keyring / "data")],
-        env=environment,
-        capture_output=True,
-        check=False,
-    )
-    return verified.returncode == 0
 
 
 def test_a_build_commits_its_whole_log_once_and_signs_with_its_key(chain: Chain) -> None:
