@@ -132,3 +132,18 @@ def test_role_renders(name: str, tmp_path: Path) -> None:
         assert spec.get("short_description"), f"role {name}, {entry_point}: no short_description"
         heading = f"ENTRY POINT: {entry_point} - {spec['short_description']}"
         assert heading in text, f"role {name}: no entry point {entry_point}"
+
+
+def test_every_role_has_a_readme_for_release_engineers() -> None:
+    """Each role's README says where it runs, its variables, its tag, and shows an example."""
+    for name in roles():
+        readme = (REPOSITORY / "roles" / name / "README.md").read_text()
+        assert readme.startswith(f"# {COLLECTION}.{name}\n"), name
+        for needed in (
+            "Runs ",
+            f"ansible-doc -t role {COLLECTION}.{name}",
+            "meta/argument_specs.yml",
+            f"--tags {name}",
+            f"- {COLLECTION}.{name}",
+        ):
+            assert needed in readme, f"roles/{name}/README.md lacks {needed!r}"
