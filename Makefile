@@ -39,6 +39,8 @@ demo: bootstrap
 	$(QUBESIM) world up
 	$(QUBESIM) dom0 -- ansible-playbook -i inventory/qubesim/build_infra.yml \
 	  -e @"$$($(QUBESIM) world variables)" site.yml
+	$(QUBESIM) dom0 -- ansible-playbook -i inventory/qubesim/build_infra.yml \
+	  -e @"$$($(QUBESIM) world variables)" playbooks/verify.yml
 	$(QUBESIM) dom0 -- qvm-ls
 	$(QUBESIM) dom0 -- demo/build-and-verify
 
