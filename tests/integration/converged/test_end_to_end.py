@@ -10,71 +10,16 @@ import http.client
 import json
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from qubesim import world
-from qubesim.layout import current
-from tests.integration.conftest import (
-    as_root,
-    audit_since,
-    run_tool,
-    serve_release_configs,
-    site,
-)
+from tests.integration.conftest import as_root, audit_since, run_tool
+from tests.integration.converged.chain import BUILDER, Chain
 from tests.utils.github_webhook import post
 
-BUILDER = "/home/user/builder-e2e"
+# The example's environments: fedora's release configuration builds it, kernel's does not.
 COMPONENT = "core-admin"
-UPLOAD = f"UPLOAD_HOST := {world.UPLOAD_HOST}\n"
-CONFIGS = {
-    "R4.2/fedora.conf": f"COMPONENTS ?= {COMPONENT} gui-daemon\n{UPLOAD}",
-    "R4.2/kernel.conf": f"COMPONENTS ?= linux-kernel\n{UPLOAD}",
-}
-
-
-@dataclass
-class Deployed:
-    world: world.World
-    variables: dict[str, object]
-    public_keys: Path
-
-
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
-    outside = world.World(current())
-    world.up(outside)
-    place = tmp_path_factory.mktemp("end-to-end")
-    configs = serve_release_configs(outside, place, "end-to-end-configs", CONFIGS)
-    envs = {
-        env: {
-            "logs": "build-logs",
-            "builders": [{"dir": BUILDER, "release": "4.2", "config_file": f"R4.2/{env}.conf",
-                          "config_repo": configs}],
-        }
-        for env in ("fedora", "kernel")
-    }  # fmt: skip
-    variables = {
-        **outside.variables(),
-        "build_infra_envs": envs,
-        "keys_vm_public_keys_dir": str(place / "public-keys"),
-    }
-    variables_file = place / "vars.json"
-    variables_file.write_text(json.dumps(variables))
-    variables_file.chmod(0o600)
-    # The qubes outlive a test run (when they exist yet), and the world may have been made anew.
-    as_root("build-logs", "rm -rf /home/user/QubesIncomingBuildLog", check=False)
-    for env in ("fedora", "kernel"):
-        as_root(f"build-{env}", f"rm -rf {BUILDER}", check=False)
-    for name in (f"{COMPONENT}.tar", f"{COMPONENT}.tar.asc"):
-        (outside.uploads / name).unlink(missing_ok=True)
-    converged = site("-e", f"@{variables_file}")
-    assert converged.returncode == 0, converged.stdout[-4000:] + converged.stderr
-    yield Deployed(outside, variables, place / "public-keys")
 
 
 def wait_for(path: Path, seconds: float = 240) -> None:
@@ -93,19 +38,22 @@ def calls(since: datetime, service: str) -> set[tuple[str, str, str]]:
     }
 
 
-def test_a_signed_push_is_built_logged_signed_and_uploaded(deployed: Deployed) -> None:
+def test_a_signed_push_is_built_logged_signed_and_uploaded(chain: Chain) -> None:
+    uploads = chain.world.uploads
+    for name in (f"{COMPONENT}.tar", f"{COMPONENT}.tar.asc"):
+        (uploads / name).unlink(missing_ok=True)
+    as_root("build-kernel", f"rm -rf {BUILDER}/artifacts/{COMPONENT}")
     started = datetime.now(UTC)
     body = json.dumps({"repository": {"full_name": f"QubesOS/qubes-{COMPONENT}"}}).encode()
     status, _ = post(
         http.client.HTTPConnection("127.0.0.1", 80, timeout=30),
         "/api/services/trigger_build",
         body,
-        secret=str(deployed.variables["webhooks_secret"]).encode(),
+        secret=str(chain.world.variables()["webhooks_secret"]).encode(),
         delivery="end-to-end-1",
     )
     assert status in (200, 202)
 
-    uploads = deployed.world.uploads
     wait_for(uploads / f"{COMPONENT}.tar.asc")
     artifact = (uploads / f"{COMPONENT}.tar").read_bytes()
 
@@ -127,8 +75,8 @@ def test_a_signed_push_is_built_logged_signed_and_uploaded(deployed: Deployed) -
 
     # The build log: one commit, signed by the logs key, with every line the build printed.
     name = as_root("build-fedora", f"cat {BUILDER}/artifacts/{COMPONENT}/log-name").stdout.strip()
-    git = ["git", "--git-dir", str(deployed.world.logs_repository)]
-    environment = deployed.world.environment()
+    git = ["git", "--git-dir", str(chain.world.logs_repository)]
+    environment = chain.world.environment()
     subject = subprocess.run([*git, "log", "-1", "--format=%s", "master"], env=environment,
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert subject.strip() == f"Build log {name}"
@@ -146,7 +94,7 @@ def test_a_signed_push_is_built_logged_signed_and_uploaded(deployed: Deployed) -
         ["bash", "-c", 'home=$(mktemp -d); trap "rm -rf $home" EXIT; '
          'gpg --homedir "$home" --batch --quiet --import "$1" && '
          'gpg --homedir "$home" --batch --verify "$2" "$3"', "verify",
-         str(deployed.public_keys / "keys-fedora.asc"), str(uploads / f"{COMPONENT}.tar.asc"),
+         str(chain.public_keys / "keys-fedora.asc"), str(uploads / f"{COMPONENT}.tar.asc"),
          str(uploads / f"{COMPONENT}.tar")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
