@@ -9,7 +9,9 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
     ConfigError,
     Infrastructure,
+    PolicyFileError,
     flow_matrix,
+    limited_policy_rules,
     load,
     policy_rules,
 )
@@ -24,16 +26,37 @@ def _infrastructure(variables: dict[str, Any]) -> Infrastructure:
         raise AnsibleFilterError(str(error)) from None
 
 
-def build_infra_qubes(variables: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The qubes of every environment with their intended properties."""
-    return _infrastructure(variables).qubes()
+def build_infra_qubes(
+    variables: dict[str, Any], envs: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The qubes of the environments named (default: every one) with their intended properties."""
+    return _infrastructure(variables).qubes(None if envs is None else set(envs))
+
+
+def build_infra_envs_of(variables: dict[str, Any], qubes: list[str]) -> list[str]:
+    """The environments whose build or keys qube is among `qubes` (the hosts of a --limit)."""
+    return _infrastructure(variables).envs_of(qubes)
 
 
 def build_infra_policy(
-    variables: dict[str, Any], admin_qubes: list[str] | None = None
+    variables: dict[str, Any],
+    admin_qubes: list[str] | None = None,
+    envs: list[str] | None = None,
+    installed: str = "",
 ) -> list[str]:
-    """The dom0 policy lines: every flow of the infrastructure, and the denials of the rest."""
-    return policy_rules(_infrastructure(variables), tuple(admin_qubes or ()))
+    """The dom0 policy lines: every flow of the infrastructure, and the denials of the rest.
+
+    With `envs`, only these environments' sections come from the variables; the others, and the
+    shared rules, are taken from the `installed` policy file as they are.
+    """
+    infrastructure = _infrastructure(variables)
+    admins = tuple(admin_qubes or ())
+    if not envs:
+        return policy_rules(infrastructure, admins)
+    try:
+        return limited_policy_rules(infrastructure, set(envs), installed, admins)
+    except PolicyFileError as error:
+        raise AnsibleFilterError(str(error)) from None
 
 
 def build_infra_env(variables: dict[str, Any], name: str) -> dict[str, Any]:
@@ -58,6 +81,7 @@ class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "build_infra_qubes": build_infra_qubes,
+            "build_infra_envs_of": build_infra_envs_of,
             "build_infra_policy": build_infra_policy,
             "build_infra_env": build_infra_env,
             "build_infra_flows": build_infra_flows,

@@ -11,7 +11,8 @@ description:
     environments need, that is C(dom0), C(build-ENV), C(keys-ENV), each logs qube, the net qube
     and the templates.
   - Groups C(build_vms), C(keys_vms), C(logs_vms), C(net_vms), C(templates) and C(env_ENV) (the
-    qubes of one environment, its logs qube included).
+    qubes of one environment, its logs qube included, and C(dom0), which makes them and their
+    policy, so that C(--limit env_ENV) applies the whole environment).
     Every host but dom0 uses the C(qubes_infra.build.qubes) connection.
   - Host variables C(build_infra_env) (the environment, where there is one) and C(build_infra_qube)
     (kind, class, label, template, netvm, volume_size) carry what the qube should be.
@@ -105,9 +106,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
 
     def _populate(self, infrastructure: Infrastructure) -> None:
         # dom0 is a host; Ansible cannot also make it a group of itself, and `hosts: dom0` works.
+        # It is in every env_ENV group: it makes the qubes and the policy of each environment.
         self._add(
             "dom0",
-            [],
+            [f"env_{env.name}" for env in infrastructure.envs],
             {
                 "ansible_connection": "local",
                 # The controller's own Python (inventory values are not templated).

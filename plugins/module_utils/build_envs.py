@@ -9,6 +9,7 @@ Standard library only; no Ansible import.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,17 +123,24 @@ class Infrastructure:
     def logs_vms(self) -> list[str]:
         return sorted({env.logs for env in self.envs})
 
-    def qubes(self) -> dict[str, dict[str, Any]]:
-        """The qubes the environments need, with their intended properties."""
+    def qubes(self, names: Collection[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The qubes the environments need (those named, or all), with their intended
+        properties; a logs qube comes with any environment that logs to it."""
+        envs = [env for env in self.envs if names is None or env.name in names]
         result: dict[str, dict[str, Any]] = {}
-        for env in self.envs:
+        for env in envs:
             result[env.build_vm] = _qube(
                 "build", env.name, self.build_template, self.build_netvm, env.volume_size
             )
             result[env.keys_vm] = _qube("keys", env.name, self.keys_template, None, None)
-        for logs in self.logs_vms:
+        for logs in sorted({env.logs for env in envs}):
             result[logs] = _qube("logs", None, self.logs_template, self.logs_netvm, None)
         return result
+
+    def envs_of(self, qubes: Collection[str]) -> list[str]:
+        """The environments whose build or keys qube is among `qubes` (a logs qube may serve
+        several environments, so it names none)."""
+        return [env.name for env in self.envs if {env.build_vm, env.keys_vm} & set(qubes)]
 
 
 def _qube(
@@ -353,48 +361,107 @@ INFRA_SERVICES = (
 )
 
 
-def policy_rules(infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = ()) -> list[str]:
-    """Every flow of the infrastructure, then denials for everything else among its qubes.
+# The policy file is made of sections, each opened by one of these comments: one per environment,
+# then the rules of every environment. A run limited to some environments rewrites their sections
+# and keeps the others as installed.
+ENV_SECTION = "# Environment {name}: build logs, signing, webhooks and ssh of its qubes."
+SHARED_SECTION = "# Every environment: admin qubes, then nothing else to or among these qubes."
+_SECTION = re.compile(r"# (?:Environment (?P<env>[A-Za-z0-9_-]+)|Every environment):")
+
+
+class PolicyFileError(ValueError):
+    """An installed policy file this collection cannot split into its sections."""
+
+
+def env_policy_rules(infrastructure: Infrastructure, env: Env) -> list[str]:
+    """The section of one environment: each of its flows (DESIGN.md), and no other."""
+    net = infrastructure.netvm
+    return [
+        ENV_SECTION.format(name=env.name),
+        # Build logs go to the logs qube; its receipt opens the signing window in keys-ENV.
+        f"qubesbuilder.BuildLog * {env.build_vm} dom0 allow target={env.logs}",
+        f"qubesbuilder.LogReceived +{env.build_vm} {env.logs} dom0 allow target={env.keys_vm}",
+        # Split-GPG: the build qube signs with its own keys qube only.
+        f"qubes.Gpg * {env.build_vm} {env.keys_vm} allow",
+        f"qubes.Gpg * {env.build_vm} @default allow target={env.keys_vm}",
+        # Webhooks received in the net qube start builds.
+        f"qubesbuilder.TriggerBuild * {net} {env.build_vm} allow",
+        f"qubesbuilder.ProcessGithubCommand * {net} {env.build_vm} allow",
+        # ssh to the allowed hosts only, through the net qube.
+        *(
+            f"local.ConnectSSH +{host} {env.build_vm} {net} allow"
+            for host in infrastructure.ssh_hosts
+        ),
+    ]
+
+
+def shared_policy_rules(admin_qubes: tuple[str, ...] = ()) -> list[str]:
+    """The section of every environment: the admin qubes, then the denial of everything else.
 
     The build, keys and logs qubes carry the INFRA_TAG, so that one rule closes them to any call
     not allowed above it; dom0 (the Ansible controller by default) is not subject to policy.
     """
-    net = infrastructure.netvm
-    rules = ["# Build logs go to the logs qube; its receipt opens the signing window in keys-ENV."]
-    for env in infrastructure.envs:
+    rules = [SHARED_SECTION]
+    for admin in admin_qubes:
         rules += [
-            f"qubesbuilder.BuildLog * {env.build_vm} dom0 allow target={env.logs}",
-            f"qubesbuilder.LogReceived +{env.build_vm} {env.logs} dom0 allow target={env.keys_vm}",
+            f"{shell} * {admin} @tag:{INFRA_TAG} allow"
+            for shell in ("qubes.VMShell", "qubes.VMRootShell")
         ]
-    rules.append("# Split-GPG: each build qube signs with its own keys qube only.")
-    for env in infrastructure.envs:
-        rules += [
-            f"qubes.Gpg * {env.build_vm} {env.keys_vm} allow",
-            f"qubes.Gpg * {env.build_vm} @default allow target={env.keys_vm}",
-        ]
-    rules.append("# Webhooks received in the net qube start builds.")
-    for env in infrastructure.envs:
-        rules += [
-            f"qubesbuilder.TriggerBuild * {net} {env.build_vm} allow",
-            f"qubesbuilder.ProcessGithubCommand * {net} {env.build_vm} allow",
-        ]
-    rules.append("# ssh to the allowed hosts only, through the net qube.")
-    for host in infrastructure.ssh_hosts:
-        rules += [
-            f"local.ConnectSSH +{host} {env.build_vm} {net} allow" for env in infrastructure.envs
-        ]
-    if admin_qubes:
-        rules.append("# Admin qubes that run Ansible on these qubes.")
-        for admin in admin_qubes:
-            rules += [
-                f"{shell} * {admin} @tag:{INFRA_TAG} allow"
-                for shell in ("qubes.VMShell", "qubes.VMRootShell")
-            ]
-    rules.append("# Nothing else: not these services anywhere, nor anything else to these qubes.")
     for service in INFRA_SERVICES:
         rules += [f"{service} * @anyvm @anyvm deny", f"{service} * @anyvm @adminvm deny"]
     rules.append(f"* * @anyvm @tag:{INFRA_TAG} deny")
     return rules
+
+
+def policy_rules(infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = ()) -> list[str]:
+    """Every flow of the infrastructure, one section per environment, then denials for
+    everything else among its qubes."""
+    rules = []
+    for env in infrastructure.envs:
+        rules += env_policy_rules(infrastructure, env)
+    return rules + shared_policy_rules(admin_qubes)
+
+
+def policy_sections(text: str) -> tuple[dict[str, list[str]], list[str]]:
+    """An installed policy file split into its environments' sections and the shared one.
+
+    Comments before the first section (the file's header) belong to none; a rule there means the
+    file was not written in sections, and its environments cannot be told apart.
+    """
+    envs: dict[str, list[str]] = {}
+    shared: list[str] = []
+    section: list[str] | None = None
+    for line in filter(None, (raw.strip() for raw in text.splitlines())):
+        match = _SECTION.match(line)
+        if match:
+            section = envs.setdefault(match["env"], []) if match["env"] else shared
+        elif section is None and not line.startswith("#"):
+            raise PolicyFileError(
+                f"the installed policy has the rule {line!r} outside any environment's section"
+                " (a file from an earlier version): apply it once without --limit"
+            )
+        if section is not None:
+            section.append(line)
+    return envs, shared
+
+
+def limited_policy_rules(
+    infrastructure: Infrastructure,
+    envs: Collection[str],
+    installed: str,
+    admin_qubes: tuple[str, ...] = (),
+) -> list[str]:
+    """The policy of a run limited to `envs`: their sections as described now, every other
+    section (environments and shared rules) exactly as installed."""
+    installed_envs, installed_shared = policy_sections(installed)
+    described = {env.name: env for env in infrastructure.envs if env.name in envs}
+    rules = []
+    for name in sorted(set(installed_envs) | set(described)):
+        if name in described:
+            rules += env_policy_rules(infrastructure, described[name])
+        else:
+            rules += installed_envs[name]
+    return rules + (installed_shared or shared_policy_rules(admin_qubes))
 
 
 def expected_flows(infrastructure: Infrastructure) -> dict[tuple[str, str, str], str]:

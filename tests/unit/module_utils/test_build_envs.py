@@ -206,3 +206,84 @@ def test_policy_rules_load_and_decide_the_matrix() -> None:
             Request(flow["source"], flow["target"], service, argument), system
         )
         assert (decision.target if decision.allowed else "") == flow["expect"], flow
+
+
+def _policy_file(rules: list[str]) -> str:
+    """A policy file as the qrexec_policy module writes it: its header, then the rules."""
+    return "# Managed by Ansible (qubes_infra.build).\n" + "\n".join(rules) + "\n"
+
+
+def _section(rules: list[str], env: str) -> list[str]:
+    start = rules.index(f"# Environment {env}: build logs, signing, webhooks and ssh of its qubes.")
+    end = next(i for i in range(start + 1, len(rules)) if rules[i].startswith("# "))
+    return rules[start:end]
+
+
+def test_a_limited_policy_changes_only_its_environments_sections() -> None:
+    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+        limited_policy_rules,
+        policy_rules,
+    )
+
+    installed = policy_rules(load(EXAMPLE), ("mgmt",))
+    changed = load({**EXAMPLE, "build_infra_remote_hosts": {}, "build_infra_netvm": "sys-other"})
+    rules = limited_policy_rules(changed, {"kernel"}, _policy_file(installed))
+    assert _section(rules, "fedora") == _section(installed, "fedora")
+    assert _section(rules, "kernel") == _section(policy_rules(changed), "kernel")
+    assert "qubesbuilder.TriggerBuild * sys-other build-kernel allow" in rules
+    # the admin qubes' lines are shared: kept as installed though not given again
+    assert "qubes.VMShell * mgmt @tag:qubes-infra-build allow" in rules
+    assert rules[-1] == "* * @anyvm @tag:qubes-infra-build deny"
+    # the same description again changes nothing
+    assert limited_policy_rules(changed, {"kernel"}, _policy_file(rules)) == rules
+
+
+def test_a_limited_policy_keeps_an_environment_no_longer_described() -> None:
+    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+        limited_policy_rules,
+        policy_rules,
+    )
+
+    installed = policy_rules(load(EXAMPLE))
+    without_kernel = {
+        **EXAMPLE,
+        "build_infra_envs": {"fedora": EXAMPLE["build_infra_envs"]["fedora"]},
+    }
+    assert (
+        limited_policy_rules(load(without_kernel), {"fedora"}, _policy_file(installed)) == installed
+    )
+
+
+def test_a_limited_policy_on_a_host_without_one_has_only_its_environments() -> None:
+    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+        limited_policy_rules,
+    )
+
+    rules = limited_policy_rules(load(EXAMPLE), {"fedora"}, "")
+    assert not any("build-kernel" in rule for rule in rules)
+    assert "qubes.Gpg * build-fedora keys-fedora allow" in rules
+    assert rules[-1] == "* * @anyvm @tag:qubes-infra-build deny"
+
+
+def test_a_policy_file_without_sections_is_refused_under_a_limit() -> None:
+    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+        PolicyFileError,
+        limited_policy_rules,
+    )
+
+    earlier = "# Managed by Ansible\nqubes.Gpg * build-kernel keys-kernel allow\n"
+    with pytest.raises(PolicyFileError) as error:
+        limited_policy_rules(load(EXAMPLE), {"fedora"}, earlier)
+    assert "'qubes.Gpg * build-kernel keys-kernel allow'" in str(error.value)
+    assert "without --limit" in str(error.value)
+
+
+def test_the_environments_of_some_qubes() -> None:
+    infrastructure = load(EXAMPLE)
+    assert infrastructure.envs_of(["dom0", "keys-kernel", "build-logs"]) == ["kernel"]
+    assert infrastructure.envs_of(["dom0", "logs-kernel", "sys-net"]) == []
+    assert sorted(infrastructure.qubes({"kernel"})) == [
+        "build-kernel",
+        "keys-kernel",
+        "logs-kernel",
+    ]

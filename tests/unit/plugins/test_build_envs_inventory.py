@@ -54,7 +54,7 @@ def test_example_inventory_hosts_groups_and_vars() -> None:
     assert groups["logs_vms"] == ["build-logs"]
     assert groups["net_vms"] == ["sys-net"]
     assert groups["templates"] == ["fedora-43-minimal", "fedora-43-xfce"]
-    assert groups["env_fedora"] == ["build-fedora", "build-logs", "keys-fedora"]
+    assert groups["env_fedora"] == ["build-fedora", "build-logs", "dom0", "keys-fedora"]
     hostvars = data["_meta"]["hostvars"]
     assert hostvars["dom0"]["ansible_connection"] == "local"
     assert hostvars["keys-kernel"]["ansible_connection"] == "qubes_infra.build.qubes"
@@ -83,6 +83,20 @@ def test_graph_shows_the_environments() -> None:
     result = inventory(ROOT / "inventory/build_infra.yml", "--graph")
     assert result.returncode == 0
     assert "@env_kernel:" in result.stdout and "|--keys-kernel" in result.stdout
+
+
+def test_an_environment_group_selects_dom0_and_its_own_qubes_only() -> None:
+    """`--limit env_kernel` must run dom0's play (it makes the qubes and their policy) and
+    none of another environment's qubes; the shared logs qube belongs to both."""
+    result = inventory(ROOT / "inventory/build_infra.yml", "--limit", "env_kernel", "--list")
+    assert result.returncode == 0, result.stderr
+    data = unwrap(json.loads(result.stdout))
+    assert sorted(data["_meta"]["hostvars"]) == [
+        "build-kernel",
+        "build-logs",
+        "dom0",
+        "keys-kernel",
+    ]
 
 
 def test_constructed_options(tmp_path: Path) -> None:
