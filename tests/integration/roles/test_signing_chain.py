@@ -5,6 +5,7 @@ Every way it must fail is tried through the same qubes, policy and services as i
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -208,11 +209,30 @@ def test_secret_keys_stay_in_the_keys_qubes_which_have_no_network(chain: Chain) 
 def test_a_keys_qube_with_a_network_is_refused(chain: Chain) -> None:
     run_tool("qvm-prefs", "keys-kernel", "netvm", "sys-firewall")
     try:
-        refused = chain.play("--limit", "keys-kernel")
+        refused = chain.play("--tags", "keys_vm", "--limit", "keys-kernel")
     finally:
         run_tool("qvm-prefs", "keys-kernel", "netvm", "")
     assert refused.returncode != 0
     assert "keys-kernel has netvm sys-firewall: a keys qube holds a signing key" in refused.stdout
+
+
+def test_one_role_alone_keeps_and_repairs_what_it_manages(chain: Chain) -> None:
+    """`--tags build_vm` on the converged site changes nothing; with the build qube's settings
+    removed it writes them back whole, the signing key included, although the keys_vm play (which
+    learns that key in the keys qube) is left out."""
+    settings = "cat /home/user/builder-github.conf"
+    written = as_root("build-fedora", settings).stdout
+    assert "\nSIGN_KEY = " in written
+    converged = chain.play("--tags", "build_vm")
+    assert converged.returncode == 0, converged.stdout + converged.stderr
+    assert re.search(r"changed=[1-9]", converged.stdout) is None, converged.stdout
+    as_root("build-fedora", "rm /home/user/builder-github.conf")
+    try:
+        repaired = chain.play("--tags", "build_vm", "--limit", "build-fedora")
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert as_root("build-fedora", settings, check=False).stdout == written
+    finally:  # the builds of the next tests sign with it
+        as_root("build-fedora", "cat > /home/user/builder-github.conf", input=written)
 
 
 BUILDER = "/home/user/builder-r4.2"
