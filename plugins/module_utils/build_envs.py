@@ -119,10 +119,6 @@ class Infrastructure:
         ports.update((host, self.remote_hosts[host]["port"]) for host in sorted(self.remote_hosts))
         return ports
 
-    @property
-    def logs_vms(self) -> list[str]:
-        return sorted({env.logs for env in self.envs})
-
     def qubes(self, names: Collection[str] | None = None) -> dict[str, dict[str, Any]]:
         """The qubes the environments need (those named, or all), with their intended
         properties; a logs qube comes with any environment that logs to it."""

@@ -116,9 +116,13 @@ def test_a_limit_naming_qubes_of_an_environment_without_dom0_is_refused(
     )
     assert qvm("qvm-prefs", "build-fedora", "netvm").stdout == "sys-whonix\n"
     assert POLICY.read_text() == before
+    assert "Limit to env_fedora (it includes dom0)" in refused.stdout
     # Without the dom0 role, the qubes' own roles may be run alone.
     alone = site("--tags", "templates", "--limit", "build-fedora")
     assert alone.returncode == 0, alone.stdout + alone.stderr
+    # A limit naming no environment's build or keys qube leaves no environment half applied.
+    shared = site("--tags", "dom0", "--limit", "sys-net")
+    assert shared.returncode == 0, shared.stdout + shared.stderr
 
 
 def test_a_limited_run_refuses_a_policy_file_it_cannot_split(example: None) -> None:
