@@ -6,6 +6,7 @@ artifact, with the user's own ansible.cfg, the playbooks' preflight play refuses
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -184,3 +185,23 @@ def test_installed_preflight_accepts_the_example(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "failed=0" in result.stdout
+
+
+def test_installed_playbooks_refuse_a_limit_while_an_unparsed_inventory_only_warns(
+    tmp_path: Path, installed_collection: Path, unchanged_host: None
+) -> None:
+    """Under --limit the preflight play is left out (localhost is outside the limit), so a refused
+    inventory would give a run that matches no host and exits 0: a limited run needs Ansible's
+    setting that makes an unparsed inventory fatal."""
+    inventory = ("-i", str(ROOT / SIMULATED_INVENTORY))
+    for playbook in ("qubes_infra.build.site", "qubes_infra.build.verify"):
+        limited = _playbook(*inventory, playbook, "--limit", "env_fedora", cwd=tmp_path,
+                            config=installed_collection)  # fmt: skip
+        _assert_refused(limited, "--limit needs [inventory] any_unparsed_is_failed = true")
+        assert re.search(r"changed=[1-9]", limited.stdout) is None, limited.stdout
+    config = tmp_path / "ansible.cfg"
+    fatal = "[inventory]\nany_unparsed_is_failed = true\n"
+    config.write_text(installed_collection.read_text() + fatal)
+    checked = _playbook(*inventory, "qubes_infra.build.preflight", "--limit", "env_fedora",
+                        cwd=tmp_path, config=config)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
