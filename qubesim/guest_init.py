@@ -1,36 +1,33 @@
-"""A qube's first process: assembles the qube's root, then plays init until the qube shuts down.
+"""A qube's first process: assembles the qube's root, then becomes the distribution's systemd.
 
 It runs as pid 1 of the qube's pid namespace and makes the qube's mount, UTS, IPC and (when the qube
 has no network) network namespaces. The root follows Qubes' persistence rules: a template's root is
-its persistent overlay; an AppVM's is a fresh layer over its template's; /rw is the private volume,
-with /home and (in AppVMs) /usr/local on it. After pivot_root the host's files are out of reach.
+its persistent overlay; an AppVM's is a fresh layer over its template's last committed root; /rw is
+the private volume, with /home and (in AppVMs) /usr/local on it. What qubes-sysinit does before any
+unit starts (qubesdb's values, /run/qubes-service/NAME for each enabled service) is done here, then
+systemd boots the qube as an AppVM boots, with the qube's own name=systemd cgroup subtree. After
+pivot_root the host's files are out of reach.
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubesim import daemon, linux
+from qubesim import cgroup, daemon, linux
 
 # Capabilities a qube's root does not get: they would reach through the namespaces to the host
-# (mounting its disks, loading modules, setting its clock).
+# (raw devices, loading modules, setting its clock).
 # Name (as setpriv spells it) -> number from <linux/capability.h>.
 DROPPED_CAPABILITIES = {
     "sys_module": 16,
     "sys_rawio": 17,
-    "sys_admin": 21,
     "sys_boot": 22,
     "sys_time": 25,
     "mknod": 27,
@@ -41,8 +38,13 @@ DROPPED_CAPABILITIES = {
     "bpf": 39,
 }
 NET_ADMIN = ("net_admin", 12)  # dropped too where the qube shares the host's network
+# systemd keeps CAP_SYS_ADMIN, as in any container it boots in (it mounts, and sandboxes units in
+# namespaces of their own); a qrexec call's processes do not get it.
+SYS_ADMIN = ("sys_admin", 21)
 
-SHUTDOWN_GRACE_SECONDS = 10
+SYSTEMD = "/lib/systemd/systemd"
+# Written by qubesim's qubes-qrexec-agent.service once the qube is up (see guest/).
+AGENT_STARTED = "run/qubes/qrexec-agent-started"
 OLD_ROOT = "run/.oldroot"
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 USER_ID = 1000
@@ -61,6 +63,7 @@ class BootSpec:
     qrexec_dir: str  # dom0's qrexec socket directory, mounted read-only at /run/qubesim
     isolated_network: bool
     qubesdb: dict[str, str]
+    cgroup: str  # the qube's own subtree of each cgroup hierarchy (qubesim.cgroup)
     # /etc/hosts lines of the outside world's names; only a qube that holds the physical network
     # (sys-net) gets them, as only it would reach the world's name servers.
     outside_hosts: str
@@ -86,13 +89,6 @@ DEFAULT_SERVICES = {
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 SERVICE_PREFIX = "/qubes-service/"
 
-# The package managers' proxy settings of a qube with updates-proxy-setup (qubes-core-agent-linux,
-# network/update-proxy-configs): everything goes to the forwarder on the qube's own loopback.
-UPDATES_PROXY = "http://127.0.0.1:8082/"
-APT_PROXY_FILE = "/etc/apt/apt.conf.d/01qubes-proxy"
-DNF_CONFIG = "/etc/dnf/dnf.conf"
-QUBES_BLOCK = ("### QUBES BEGIN ###", "### QUBES END ###")
-
 
 def enabled_services(qubesdb: dict[str, str]) -> list[str]:
     """The defaults of the qube's type, then each well-formed /qubes-service/NAME = 0|1."""
@@ -104,8 +100,11 @@ def enabled_services(qubesdb: dict[str, str]) -> list[str]:
     return sorted(enabled)
 
 
-def dropped_capabilities(isolated_network: bool) -> dict[str, int]:
+def dropped_capabilities(isolated_network: bool, *, init: bool = False) -> dict[str, int]:
+    """What a qube's processes may never have: its init (systemd) keeps CAP_SYS_ADMIN."""
     dropped = dict(DROPPED_CAPABILITIES)
+    if not init:
+        dropped[SYS_ADMIN[0]] = SYS_ADMIN[1]
     if not isolated_network:
         dropped[NET_ADMIN[0]] = NET_ADMIN[1]
     return dropped
@@ -186,6 +185,18 @@ def _mount_kernel_filesystems(root: Path) -> None:
     linux.mount("tmpfs", str(root / "tmp"), "tmpfs", nosuid_nodev, "mode=1777")
 
 
+def _mount_cgroup(spec: BootSpec, root: Path) -> None:
+    """The qube's own cgroup subtrees, at the places systemd's hybrid layout has them: pid 1
+    joins them and makes a cgroup namespace there, so that everything the qube runs stays inside
+    and the qube's systemd finds its own cgroup at the roots."""
+    cgroup.join(spec.cgroup)
+    linux.unshare(linux.CLONE_NEWCGROUP)
+    cgroups = root / "sys/fs/cgroup"
+    linux.mount("tmpfs", str(cgroups), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=755")
+    for hierarchy in cgroup.HIERARCHIES:
+        _bind(cgroup.ROOT / hierarchy / spec.cgroup, cgroups / hierarchy)
+
+
 def _mount_qrexec(spec: BootSpec, root: Path) -> None:
     """The way to dom0's qrexec daemon; read-only, so that no one in the qube can replace it."""
     target = root / "run/qubesim"
@@ -210,6 +221,30 @@ def _write_identity(spec: BootSpec, root: Path) -> None:
     services.mkdir()
     for service in enabled_services(spec.qubesdb):
         (services / service).touch()
+    _make_qubes_run_directory(root, spec.qubesdb)
+
+
+def _make_qubes_run_directory(root: Path, qubesdb: dict[str, str]) -> None:
+    """/run/qubes (root:qubes 0775) with the qube's type and persistence, as qubes-sysinit.sh
+    leaves them for other units."""
+    directory = root / "run/qubes"
+    directory.mkdir(mode=0o775)
+    with contextlib.suppress(KeyError):
+        os.chown(directory, 0, _group_id(root, "qubes"))
+    vm_type = qubesdb.get("/qubes-vm-type", "")
+    if vm_type in ("AppVM", "NetVM", "ProxyVM", "TemplateVM"):
+        (directory / f"this-is-{vm_type.lower()}").touch()
+    persistence = qubesdb.get("/qubes-vm-persistence", "")
+    if persistence in ("full", "rw-only", "none"):
+        (directory / f"persistent-{persistence}").touch()
+
+
+def _group_id(root: Path, name: str) -> int:
+    for line in (root / "etc/group").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name and len(fields) > 2 and fields[2].isdigit():
+            return int(fields[2])
+    raise KeyError(name)
 
 
 def _pivot(root: Path) -> None:
@@ -233,171 +268,31 @@ def boot(spec: BootSpec) -> None:
     _populate_private(spec)
     _mount_private(spec, root)
     _mount_kernel_filesystems(root)
+    _mount_cgroup(spec, root)
     _mount_qrexec(spec, root)
     _write_identity(spec, root)
     _pivot(root)
-    _make_runtime_directories()
-    linux.drop_bounding_capabilities(list(dropped_capabilities(spec.isolated_network).values()))
-
-
-def _make_runtime_directories() -> None:
-    """What systemd-tmpfiles does at boot for /run: the `d` entries of tmpfiles.d (the packages'
-    own runtime directories, such as split-GPG's), with their mode, owner and group."""
-    entries: dict[str, list[str]] = {}
-    for folder in ("/usr/lib/tmpfiles.d", "/etc/tmpfiles.d"):  # /etc overrides by file name
-        with contextlib.suppress(FileNotFoundError):
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".conf"):
-                    entries[name] = Path(folder, name).read_text(errors="replace").splitlines()
-    for lines in entries.values():
-        for line in lines:
-            fields = line.split()
-            if len(fields) >= 5 and fields[0] == "d" and fields[1].startswith("/run/"):
-                _make_directory(*fields[1:5])
-
-
-def _make_directory(path: str, mode: str, owner: str, group: str) -> None:
-    with contextlib.suppress(OSError, KeyError, ValueError):
-        os.makedirs(path, exist_ok=True)
-        os.chmod(path, int(mode, 8) if mode != "-" else 0o755)
-        uid = pwd.getpwnam(owner).pw_uid if owner != "-" else 0
-        gid = grp.getgrnam(group).gr_gid if group != "-" else 0
-        os.chown(path, uid, gid)
-
-
-def _service_enabled(name: str) -> bool:
-    return Path("/run/qubes-service", name).exists()
-
-
-def _start_daemon(name: str, argv: list[str]) -> None:
-    """A service the qube's init keeps running, its output in /var/log/qubes/NAME.log."""
-    os.makedirs("/var/log/qubes", exist_ok=True)
-    with open(f"/var/log/qubes/{name}.log", "ab") as log, contextlib.suppress(OSError):
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
-
-
-def _write_proxy_settings(use_proxy: bool) -> None:
-    """apt's and dnf's proxy, set or cleared as update-proxy-configs does at every start."""
-    if os.path.isdir(os.path.dirname(APT_PROXY_FILE)):
-        if use_proxy:
-            Path(APT_PROXY_FILE).write_text(
-                "# Written at every start of the qube: the updates proxy, over qrexec.\n"
-                f'Acquire::http::Proxy "{UPDATES_PROXY}";\nAcquire::tor::proxy "{UPDATES_PROXY}";\n'
-            )
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(APT_PROXY_FILE)
-    if Path(DNF_CONFIG).exists():
-        begin, end = QUBES_BLOCK
-        text = Path(DNF_CONFIG).read_text()
-        head, _, rest = text.partition(f"{begin}\n")
-        tail = rest.partition(f"{end}\n")[2] if rest else ""
-        entry = f"proxy={UPDATES_PROXY}\n" if use_proxy else ""
-        Path(DNF_CONFIG).write_text(f"{head}{begin}\n{entry}{end}\n{tail}")
-
-
-def _start_updates_proxy() -> None:
-    """The updates proxy in the qube that serves it (tinyproxy), or the settings and forwarder
-    that send a template's downloads to it (vm-systemd/qubes-updates-proxy.service,
-    qubes-updates-proxy-forwarder.socket and their conditions)."""
-    serves = _service_enabled("qubes-updates-proxy")
-    uses = _service_enabled("updates-proxy-setup") or _service_enabled("yum-proxy-setup")
-    _write_proxy_settings(uses)
-    if serves:
-        _start_daemon(
-            "qubes-updates-proxy",
-            ["/usr/bin/tinyproxy", "-d", "-c", "/etc/tinyproxy/tinyproxy-updates.conf"],
-        )
-    elif uses:
-        forwarder = "/usr/lib/qubes/qubes-updates-proxy-forwarder"
-        _start_daemon("qubes-updates-proxy-forwarder", [forwarder])
-
-
-def _run_rc_local() -> None:
-    script = "/rw/config/rc.local"
-    if not os.access(script, os.X_OK):
-        return
-    os.makedirs("/var/log/qubes", exist_ok=True)
-    environment = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/root",
-    }
-    with open("/var/log/qubes/rc.local.log", "ab") as log:
-        subprocess.run(
-            [script], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment, cwd="/"
-        )
-
-
-def _detach_from_host_log() -> None:
-    """Pid 1's stdio is the host's log file: keep it out of the qube's reach (/proc/1/fd)."""
-    null = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-
-
-class _Shutdown(Exception):
-    pass
-
-
-def _request_shutdown(_signum: int, _frame: object) -> None:
-    raise _Shutdown
-
-
-def _reap_all() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _reap_until_shutdown() -> None:
-    """Reap every orphan of the qube, as init does. SIGCHLD is blocked and waited for, so that none
-    is missed between two waits; SIGTERM still interrupts the wait (shutdown)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    while True:
-        _reap_all()
-        signal.sigtimedwait({signal.SIGCHLD}, 60)
-
-
-def _stop_everything() -> None:
-    """Terminate every process of the qube, then kill what is left after the grace period."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(-1, signum)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        while time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                time.sleep(0.05)
+    dropped = dropped_capabilities(spec.isolated_network, init=True)
+    linux.drop_bounding_capabilities(list(dropped.values()))
 
 
 def run(spec: BootSpec, ready_fd: int) -> None:
-    """Become the qube; report `ready` (or the error) on ready_fd. Never returns."""
-    signal.signal(signal.SIGTERM, _request_shutdown)
+    """Become the qube: assemble it, then exec systemd. A failure is told on ready_fd; success
+    closes it (close-on-exec), and the monitor then waits for the qube's agent. Never returns."""
     try:
         boot(spec)
-        _start_updates_proxy()
-        _run_rc_local()
-    except _Shutdown:
-        os._exit(0)
     except (OSError, subprocess.SubprocessError) as error:
         daemon.notify(ready_fd, f"cannot start {spec.name}: {error}")
         os._exit(1)
-    daemon.notify_ready(ready_fd)
-    _detach_from_host_log()
+    # pid 1's stdio is the host's log file: keep it out of the qube's reach (/proc/1/fd).
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0,) if os.environ.get("QUBESIM_DEBUG_BOOT") else (0, 1, 2):
+        os.dup2(null, fd)
+    environment = {"container": "qubesim", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    if os.environ.get("QUBESIM_DEBUG_BOOT"):
+        environment |= {"SYSTEMD_LOG_TARGET": "console", "SYSTEMD_LOG_LEVEL": "debug"}
     try:
-        _reap_until_shutdown()
-    except _Shutdown:
-        _stop_everything()
-    sys.stdout.flush()
-    os._exit(0)
+        os.execve(SYSTEMD, [SYSTEMD], environment)
+    except OSError as error:
+        daemon.notify(ready_fd, f"cannot start {spec.name}: {SYSTEMD}: {error}")
+        os._exit(1)

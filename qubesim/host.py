@@ -56,6 +56,9 @@ def initialise(layout: Layout) -> list[str]:
             created.append(template_name)
         state.defaults["default_template"] = state.defaults["default_template"] or template_name
     template.prepare(layout, template_name)
+    runtime = Runtime(layout)
+    if not runtime.is_running(template_name):  # its AppVMs see the refreshed tools
+        runtime.commit_template(template_name)
     # The qrexec daemon runs the code installed now; running qubes reconnect to it on their own.
     daemon.stop_singleton(layout, daemon.QREXEC)
     daemon.ensure_qrexec(layout)

@@ -11,8 +11,9 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from qubesim import daemon, linux, template
+from qubesim import cgroup, daemon, linux, template
 from qubesim.errors import QubesimError
 from qubesim.guest_init import BootSpec, dropped_capabilities
 from qubesim.layout import Layout
@@ -94,15 +95,24 @@ class Runtime:
         if netvm:
             self.start(netvm)
         daemon.ensure_qrexec(self.layout)
+        owner = root_owner(state, name)
         with self._qube_lock(name):
             running = self.running(name)
             if running is None:
-                running = self._boot(self._boot_spec(state, name))
+                # The template's snapshots stay while this qube boots on one of them.
+                with self._lock(f"{owner}.snapshots", fcntl.LOCK_SH if owner != name else None):
+                    running = self._boot(state, name, owner)
         return running
 
-    def _boot_spec(self, state: State, name: str) -> BootSpec:
+    def _root_of(self, name: str, owner: str) -> str:
+        """A qube's own root, or its template's as of the template's last shutdown."""
+        if owner == name:
+            return str(template.mount(self.layout, name))
+        return str(template.snapshot_mount(self.layout, owner))
+
+    def _boot_spec(self, state: State, name: str, owner: str) -> BootSpec:
         record = state.qube(name)
-        template_root = template.mount(self.layout, root_owner(state, name))
+        template_root = self._root_of(name, owner)
         services = {
             key.removeprefix("service."): value
             for key, value in record["features"].items()
@@ -129,6 +139,7 @@ class Runtime:
             qrexec_dir=str(self.layout.qrexec_socket_dir),
             isolated_network=state.network_isolated(name),
             qubesdb=qubesdb,
+            cgroup=cgroup.of_qube(self.layout, name),
             outside_hosts=self._outside_hosts(state, name),
         )
 
@@ -141,13 +152,51 @@ class Runtime:
             return World(self.layout).hosts_file.read_text()
         return ""
 
-    def _boot(self, spec: BootSpec) -> Running:
-        spec_json = json.dumps(dataclasses.asdict(spec)).encode()
-        monitor, answer = daemon.spawn(self.layout, "qubesim.monitor", spec.name, stdin=spec_json)
-        running = self.running(spec.name)
+    def _boot(self, state: State, name: str, owner: str) -> Running:
+        domain = {
+            "boot": dataclasses.asdict(self._boot_spec(state, name, owner)),
+            "shutdown_timeout": state.get_property(name, "shutdown_timeout"),
+            "root_owner": owner,
+        }
+        monitor, answer = daemon.spawn(
+            self.layout, "qubesim.monitor", name, stdin=json.dumps(domain).encode()
+        )
+        running = self.running(name)
         if monitor is None or running is None:
             raise QubesimError(answer)
         return running
+
+    # -- template snapshots -----------------------------------------------------------------------
+    @contextmanager
+    def _lock(self, name: str, operation: int | None = fcntl.LOCK_EX) -> Iterator[None]:
+        if operation is None:
+            yield
+            return
+        self.layout.runtime.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.qube_lock(name), "a") as lock:
+            fcntl.flock(lock, operation)
+            yield
+
+    def commit_template(self, name: str) -> None:
+        """A halted template's root becomes what its AppVMs start from (Qubes commits a
+        template's root volume when it stops)."""
+        with self._lock(f"{name}.snapshots"):
+            template.commit(self.layout, name)
+            self._discard_unused(name)
+
+    def discard_snapshots(self, name: str) -> None:
+        """Remove the template's old snapshots that no running AppVM is based on."""
+        with self._lock(f"{name}.snapshots"):
+            self._discard_unused(name)
+
+    def _discard_unused(self, name: str) -> None:
+        in_use = set()
+        for record in self.layout.runtime.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                entry = json.loads(record.read_text())
+                if linux.process_start_time(entry["pid"]) == entry["start_time"]:
+                    in_use.add(Path(entry["root"]))
+        template.discard_snapshots(self.layout, name, in_use)
 
     # -- stop -------------------------------------------------------------------------------------
     def shutdown(self, name: str, *, wait: bool, timeout: float, force: bool = False) -> None:
@@ -161,7 +210,7 @@ class Runtime:
             clients = [client for client in state.clients(name) if self.is_running(client)]
             if state.provides_network(name) and clients:
                 raise QubeInUse(f"There are other VMs connected to this VM: {', '.join(clients)}")
-        _signal(running.pid, signal.SIGTERM)
+        _signal(running.monitor, signal.SIGTERM)  # the monitor shuts the qube down as Qubes does
         if wait:
             self.wait_halted(name, timeout)
 

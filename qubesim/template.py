@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
+import subprocess
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -51,10 +53,32 @@ GUEST_FILES = {
     "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),
     "etc/sudoers.d/qubes": ("sudoers", 0o440),
     "usr/lib/qubes/qubesim-tcp-service": ("qubesim-tcp-service", 0o755),
-    "usr/lib/qubes/qubes-updates-proxy-forwarder": ("qubes-updates-proxy-forwarder", 0o755),
+    "usr/lib/qubes/update-proxy-configs": ("update-proxy-configs", 0o755),
+    "usr/lib/qubes/init/misc-post.sh": ("misc-post.sh", 0o755),
     "etc/tinyproxy/tinyproxy-updates.conf": ("tinyproxy-updates.conf", 0o644),
     "etc/qubes/rpc-config/qubes.UpdatesProxy": ("rpc-config-updates-proxy", 0o644),
 }
+# The Qubes units a template carries (qubes-core-agent-linux vm-systemd/, qubes-core-qrexec
+# systemd/), each enabled as its preset (vm-systemd/75-qubes-vm.preset) enables it: the
+# [Install] target that wants it.
+GUEST_UNITS = {
+    "qubes-qrexec-agent.service": "multi-user.target",
+    "qubes-misc-post.service": "multi-user.target",
+    "qubes-updates-proxy.service": "multi-user.target",
+    "qubes-updates-proxy-forwarder.socket": "multi-user.target",
+    "qubes-updates-proxy-forwarder@.service": None,
+}
+UNIT_DIRECTORY = "usr/lib/systemd/system"
+ENABLED_UNITS = "etc/systemd/system"
+# The host's own enabled units are its services (sshd, a database, nginx...): a Qubes template
+# runs none of them, and in qubesim every qube with a netvm shares the host's loopback, where two
+# qubes' copies would fight for one port. The template keeps the host's timers only, less those
+# Qubes' preset disables.
+KEPT_HOST_UNITS = ("timers.target.wants",)
+QUBES_DISABLED_UNITS = frozenset({"apt-daily.timer", "apt-daily-upgrade.timer"})
+# `user`'s own systemd instance runs from boot, as it does in a Qubes AppVM with its session.
+LINGER = "var/lib/systemd/linger/user"
+
 # Guest services that qrexec reaches as TCP services (symlinks to /dev/tcp/HOST/PORT).
 GUEST_LINKS = {
     # The updates qube's proxy: its tinyproxy, on its own loopback.
@@ -135,8 +159,21 @@ def create_root(layout: Layout, name: str) -> None:
         _empty(fresh, relative)
     if layout.home.parts[1] in SYSTEM_DIRECTORIES:
         _remove(fresh, str(layout.home.relative_to("/")))
+    for relative in _host_enabled_units():
+        _remove(fresh, relative)
     work.mkdir(parents=True, exist_ok=True)
     fresh.rename(upper)
+
+
+def _host_enabled_units() -> list[str]:
+    """The host's enablement links that a template does not keep (see KEPT_HOST_UNITS)."""
+    hidden = []
+    for wants in Path("/", ENABLED_UNITS).glob("*.wants"):
+        for link in wants.iterdir():
+            if wants.name in KEPT_HOST_UNITS and link.name not in QUBES_DISABLED_UNITS:
+                continue
+            hidden.append(str(link.relative_to("/")))
+    return hidden
 
 
 def mount(layout: Layout, name: str) -> Path:
@@ -152,35 +189,126 @@ def mount(layout: Layout, name: str) -> Path:
 
 
 def unmount(layout: Layout, name: str) -> None:
-    target = layout.template_mount(name)
+    """Unmount a template's root and its snapshots from dom0."""
+    for target in [layout.template_mount(name), *_snapshot_mounts(layout, name).values()]:
+        _unmount(target)
+
+
+def _unmount(target: Path) -> None:
     if str(target) in linux.mount_points():
         linux.umount(str(target), linux.MNT_DETACH)
     with contextlib.suppress(FileNotFoundError):
         target.rmdir()
 
 
+# -- snapshots: the template's root as of its last shutdown, which AppVMs start from ----------
+# Qubes commits a template's root volume when the template stops, and an AppVM's root is a
+# snapshot of the committed volume taken at the AppVM's start (qubes-core-admin,
+# qubes/storage/lvm.py and file-reflink.py: stop() of a save_on_stop volume, start() of a
+# snap_on_start one). Here each commit is a generation: a copy of the template's layer, mounted
+# read-only over the host's root; AppVMs stack their throw-away layer on the newest one.
+
+
+def _snapshot_directory(layout: Layout, name: str) -> Path:
+    return layout.root_upper(name) / "snapshots"
+
+
+def committed_generation(layout: Layout, name: str) -> str | None:
+    with contextlib.suppress(FileNotFoundError):
+        return (layout.root_upper(name) / "committed").read_text().strip() or None
+    return None
+
+
+def commit(layout: Layout, name: str) -> None:
+    """Record a halted template's root as the one AppVMs started from now on see."""
+    upper, _ = _layers(layout, name)
+    generation = str(int(committed_generation(layout, name) or 0) + 1)
+    target = _snapshot_directory(layout, name) / generation
+    shutil.rmtree(target, ignore_errors=True)  # what an interrupted commit left
+    (target / "work").mkdir(parents=True)
+    # cp keeps what makes an overlay layer: whiteouts (device nodes) and opaque directories
+    # (trusted.* extended attributes).
+    subprocess.run(["cp", "-a", "--", str(upper), str(target / "upper")], check=True)
+    pointer = layout.root_upper(name) / "committed.new"
+    pointer.write_text(f"{generation}\n")
+    os.replace(pointer, layout.root_upper(name) / "committed")
+
+
+def snapshot_mount(layout: Layout, name: str) -> Path:
+    """Mount (once) the template's newest committed root in dom0 and return where."""
+    generation = committed_generation(layout, name)
+    if generation is None:  # a template made before snapshots existed: commit it as it is
+        commit(layout, name)
+        generation = committed_generation(layout, name)
+    layers = _snapshot_directory(layout, name) / str(generation)
+    target = layout.home / "mnt" / f"{name}@{generation}"
+    if str(target) not in linux.mount_points():
+        target.mkdir(parents=True, exist_ok=True)
+        options = f"lowerdir=/,upperdir={layers / 'upper'},workdir={layers / 'work'}"
+        linux.mount("overlay", str(target), "overlay", linux.MS_RDONLY, options)
+    return target
+
+
+def _snapshot_mounts(layout: Layout, name: str) -> dict[str, Path]:
+    """The template's snapshot generations (committed or not yet removed) -> their mount points."""
+    with contextlib.suppress(FileNotFoundError):
+        return {
+            entry.name: layout.home / "mnt" / f"{name}@{entry.name}"
+            for entry in _snapshot_directory(layout, name).iterdir()
+        }
+    return {}
+
+
+def discard_snapshots(layout: Layout, name: str, in_use: set[Path]) -> None:
+    """Remove the template's old generations that no running AppVM has as its root's base."""
+    current = committed_generation(layout, name)
+    for generation, mountpoint in _snapshot_mounts(layout, name).items():
+        if generation != current and mountpoint not in in_use:
+            _unmount(mountpoint)
+            shutil.rmtree(_snapshot_directory(layout, name) / generation, ignore_errors=True)
+
+
 def install_guest_files(root: Path) -> None:
     """Write the guest tools and the `user` account into a mounted template root."""
     guest = resources.files("qubesim") / "guest"
     for destination, (source, mode) in GUEST_FILES.items():
-        path = root / destination
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content = (guest / source).read_bytes()
-        if not path.exists() or path.read_bytes() != content:
-            path.write_bytes(content)
-        os.chmod(path, mode)
-        os.chown(path, 0, 0)
+        _write_file(root / destination, (guest / source).read_bytes(), mode)
     for destination, target in GUEST_LINKS.items():
-        path = root / destination
-        if os.path.islink(path) and os.readlink(path) == target:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        path.symlink_to(target)
+        _link(root / destination, target)
     for directory in USR_LOCAL_DIRECTORIES:
         (root / "usr/local" / directory).mkdir(mode=0o755, exist_ok=True)
+    _install_units(root)
     _ensure_user(root)
     _register_packages(root)
+
+
+def _install_units(root: Path) -> None:
+    """Qubes' units, enabled as a package's install enables them, and `user`'s lingering."""
+    guest = resources.files("qubesim") / "guest"
+    for unit, wanted_by in GUEST_UNITS.items():
+        _write_file(root / UNIT_DIRECTORY / unit, (guest / unit).read_bytes(), 0o644)
+        if wanted_by is not None:
+            _link(root / ENABLED_UNITS / f"{wanted_by}.wants" / unit, f"/{UNIT_DIRECTORY}/{unit}")
+    linger = root / LINGER
+    linger.parent.mkdir(parents=True, exist_ok=True)
+    linger.touch()
+
+
+def _write_file(path: Path, content: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_bytes() != content:
+        path.write_bytes(content)
+    os.chmod(path, mode)
+    os.chown(path, 0, 0)
+
+
+def _link(path: Path, target: str) -> None:
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    path.symlink_to(target)
 
 
 def _register_packages(root: Path) -> None:
