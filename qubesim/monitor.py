@@ -81,6 +81,7 @@ def _record_running(layout: Layout, spec: guest_init.BootSpec, pid: int) -> Path
                 "pid": pid,
                 "start_time": linux.process_start_time(pid),
                 "monitor": os.getpid(),
+                "monitor_start_time": linux.process_start_time(os.getpid()),
                 "root": spec.template_root,
             }
         )
@@ -90,7 +91,8 @@ def _record_running(layout: Layout, spec: guest_init.BootSpec, pid: int) -> Path
 
 
 def _clean_up(layout: Layout, spec: guest_init.BootSpec, root_owner: str) -> None:
-    layout.runtime_record(spec.name).unlink(missing_ok=True)
+    """Throw away what the qube leaves; the qube counts as halted only once its record goes, so
+    that a template's commit is done before any AppVM can start after the template's shutdown."""
     shutil.rmtree(spec.volatile, ignore_errors=True)
     with contextlib.suppress(OSError):
         Path(spec.mountpoint).rmdir()
@@ -101,6 +103,7 @@ def _clean_up(layout: Layout, spec: guest_init.BootSpec, root_owner: str) -> Non
         runtime.commit_template(spec.name)
     elif not spec.owns_root:
         runtime.discard_snapshots(root_owner)
+    layout.runtime_record(spec.name).unlink(missing_ok=True)
 
 
 def main(notify_fd: int) -> int:
@@ -114,6 +117,9 @@ def main(notify_fd: int) -> int:
     except QubesimError as error:
         daemon.notify(notify_fd, f"cannot start {spec.name}: {error}")
         return 1
+    # The qube's pid namespace is for its pid 1 only: the monitor's own children (the clean-up's
+    # programs) go back to the host's once the qube has ended (a dead namespace takes none).
+    host_pids = os.open("/proc/self/ns/pid", os.O_RDONLY)
     linux.unshare(linux.CLONE_NEWPID)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -131,6 +137,7 @@ def main(notify_fd: int) -> int:
         daemon.notify(notify_fd, answer)
     os.waitpid(pid, 0)
     signal.alarm(0)
+    linux.setns(host_pids, linux.CLONE_NEWPID)
     _clean_up(layout, spec, domain["root_owner"])
     return 0 if daemon.is_ready(answer) else 1
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from qubesim import cgroup, daemon, linux, template
 from qubesim.errors import QubesimError
@@ -60,16 +61,27 @@ class Runtime:
         self.database = Database(layout)
 
     # -- state ------------------------------------------------------------------------------------
+    def _record(self, name: str) -> dict[str, Any] | None:
+        try:
+            record: dict[str, Any] = json.loads(self.layout.runtime_record(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return record
+
     def running(self, name: str) -> Running | None:
         if name == ADMIN_VM:
             return None
-        try:
-            record = json.loads(self.layout.runtime_record(name).read_text())
-        except (OSError, ValueError):
-            return None
-        if linux.process_start_time(record["pid"]) != record["start_time"]:
-            return None  # the host rebooted, or the qube died without its monitor noticing
+        record = self._record(name)
+        if record is None or linux.process_start_time(record["pid"]) != record["start_time"]:
+            return None  # halted, halting, or gone with a host reboot
         return Running(pid=record["pid"], monitor=record["monitor"])
+
+    def _halting(self, name: str) -> bool:
+        """The qube's init has ended and its monitor is still cleaning up (a template's commit)."""
+        record = self._record(name)
+        return record is not None and linux.process_start_time(record["monitor"]) == record.get(
+            "monitor_start_time"
+        )
 
     def is_running(self, name: str) -> bool:
         return name == ADMIN_VM or self.running(name) is not None
@@ -99,6 +111,7 @@ class Runtime:
         with self._qube_lock(name):
             running = self.running(name)
             if running is None:
+                self.wait_halted(name, START_TIMEOUT_SECONDS)  # a shutdown still under way
                 # The template's snapshots stay while this qube boots on one of them.
                 with self._lock(f"{owner}.snapshots", fcntl.LOCK_SH if owner != name else None):
                     running = self._boot(state, name, owner)
@@ -223,7 +236,7 @@ class Runtime:
 
     def wait_halted(self, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.layout.runtime_record(name).exists() and self.running(name) is not None:
+        while self.running(name) is not None or self._halting(name):
             if time.monotonic() > deadline:
                 raise ShutdownTimeout(f"Domain shutdown timed out: {name!r}")
             time.sleep(0.05)
