@@ -166,13 +166,15 @@ def create_root(layout: Layout, name: str) -> None:
 
 
 def _host_enabled_units() -> list[str]:
-    """The host's enablement links that a template does not keep (see KEPT_HOST_UNITS)."""
+    """The host's enablement and alias links that a template does not keep (KEPT_HOST_UNITS)."""
     hidden = []
-    for wants in Path("/", ENABLED_UNITS).glob("*.wants"):
-        for link in wants.iterdir():
-            if wants.name in KEPT_HOST_UNITS and link.name not in QUBES_DISABLED_UNITS:
-                continue
-            hidden.append(str(link.relative_to("/")))
+    for link in Path("/", ENABLED_UNITS).rglob("*"):
+        if not link.is_symlink():
+            continue
+        wants = link.parent.name
+        if wants in KEPT_HOST_UNITS and link.name not in QUBES_DISABLED_UNITS:
+            continue
+        hidden.append(str(link.relative_to("/")))
     return hidden
 
 
@@ -382,8 +384,24 @@ def _ensure_qubes_group(path: Path) -> None:
         file.write(f"qubes:x:{gid}:{USER}\n")
 
 
-def prepare(layout: Layout, name: str) -> None:
-    """Create (or refresh the guest tools of) a template from this machine's root."""
+def prepare(layout: Layout, name: str, copy_of: str | None = None) -> None:
+    """Create (or refresh the guest tools of) a template from this machine's root, or a
+    StandaloneVM's root from a copy of its template's committed root (`copy_of`)."""
     check_host_programs()
+    if copy_of is not None and not layout.root_upper(name).joinpath("upper").exists():
+        _copy_committed_root(layout, copy_of, name)
     create_root(layout, name)
     install_guest_files(mount(layout, name))
+
+
+def _copy_committed_root(layout: Layout, template: str, name: str) -> None:
+    generation = committed_generation(layout, template)
+    source = (
+        _snapshot_directory(layout, template) / generation / "upper"
+        if generation is not None
+        else _layers(layout, template)[0]
+    )
+    upper, work = _layers(layout, name)
+    upper.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", "--", str(source), str(upper)], check=True)
+    work.mkdir(exist_ok=True)

@@ -62,9 +62,13 @@ def _create(context: Context, arguments: argparse.Namespace, klass: str, label: 
     with context.transaction() as state:
         _check_storage(klass, pools, arguments.one_pool)
         template_name = arguments.template if klass != "StandaloneVM" else None
+        source = arguments.template if klass == "StandaloneVM" else None
+        if source is not None and state.qube(source)["klass"] != "TemplateVM":
+            raise QubesimError(f"{source} is not a template")
         state.add_qube(name, klass, label, template_name)["tags"].append("created-by-dom0")
     if klass in OWN_ROOT:
-        template.prepare(context.layout, name)
+        # Qubes copies the template's root into a StandaloneVM made from one.
+        template.prepare(context.layout, name, copy_of=source)
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:
