@@ -14,13 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qubesim import cgroup, daemon, linux, template
+from qubesim import cgroup, daemon, linux, template, world
 from qubesim.errors import QubesimError
 from qubesim.guest_init import BootSpec, dropped_capabilities
 from qubesim.layout import Layout
 from qubesim.model import ADMIN_VM, Database, State
 from qubesim.properties import OWN_ROOT
-from qubesim.world import World
 
 START_TIMEOUT_SECONDS = 60
 # What of a qube outlives a shutdown, as qubesdb's /qubes-vm-persistence tells the qube.
@@ -161,9 +160,7 @@ class Runtime:
         would hold the physical network card and use the outside world's name servers."""
         if not state.provides_network(name) or state.get_property(name, "netvm") is not None:
             return ""
-        with contextlib.suppress(FileNotFoundError):
-            return World(self.layout).hosts_file.read_text()
-        return ""
+        return world.HOSTS
 
     def _boot(self, state: State, name: str, owner: str) -> Running:
         domain = {

@@ -41,6 +41,9 @@ UPLOAD_PORT = 10023
 UPLOAD_HOST = "upload.qubesim.invalid"
 GIT_PORT = 9418
 LOOPBACK = "127.0.0.1"
+# /etc/hosts entries of the world's names, for the qubes that hold the physical network: the
+# outside world's name servers answer whether or not its servers are up.
+HOSTS = f"{LOOPBACK}\t{UPLOAD_HOST}\n"
 LOGS_KEY_UID = "Build logs (qubesim world) <logs@qubesim.invalid>"
 MAINTAINER_KEY_UID = "qubes-builder maintainer (qubesim world) <builder@qubesim.invalid>"
 BUILDER_TAG = "v4.2.0"
@@ -73,11 +76,6 @@ class World:
     def uploads(self) -> Path:
         """What build qubes uploaded (the upload server's area)."""
         return self.directory / "uploads"
-
-    @property
-    def hosts_file(self) -> Path:
-        """/etc/hosts entries of the world's names, for the qubes that hold the physical network."""
-        return self.directory / "hosts"
 
     @property
     def variables_file(self) -> Path:
@@ -203,7 +201,6 @@ def _ssh_keys(world: World) -> None:
         f"  ForceCommand internal-sftp -d {world.uploads}\n"
         "  AllowTcpForwarding no\n  X11Forwarding no\n  PermitTTY no\n"
     )
-    world.hosts_file.write_text(f"{LOOPBACK}\t{UPLOAD_HOST}\n")
 
 
 def _upload_variables(world: World, host_key: str) -> dict[str, object]:
