@@ -54,6 +54,10 @@ GUEST_FILES = {
     "usr/lib/qubes/qubes-updates-proxy-forwarder": ("qubes-updates-proxy-forwarder", 0o755),
     "etc/tinyproxy/tinyproxy-updates.conf": ("tinyproxy-updates.conf", 0o644),
     "etc/qubes/rpc-config/qubes.UpdatesProxy": ("rpc-config-updates-proxy", 0o644),
+    "etc/qubes-rpc/qubes.WaitForSession": ("qubes.WaitForSession", 0o755),
+    # qubesim's screen: zenity's questions, seen and answered from dom0 (qubesim/screen.py).
+    "usr/bin/zenity": ("zenity", 0o755),
+    "usr/lib/tmpfiles.d/qubesim-screen.conf": ("qubesim-screen.tmpfiles", 0o644),
 }
 # Guest services that qrexec reaches as TCP services (symlinks to /dev/tcp/HOST/PORT).
 GUEST_LINKS = {
