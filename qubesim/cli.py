@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from qubesim import audit, dom0, host, world
+from qubesim import audit, dom0, host, screen, world
 from qubesim.errors import QubesimError
 from qubesim.layout import current
 
@@ -25,6 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     log = commands.add_parser("audit", help="print the qrexec audit log")
     log.add_argument("--since", type=audit.parse_since, help="ISO 8601 time or epoch seconds")
     log.add_argument("--json", action="store_true", help="one JSON object per line")
+    asked = commands.add_parser(
+        "questions",
+        help="list the questions qubes ask the person at the screen (zenity's, as split-GPG's"
+        " qubes.Gpg asks): id, time, the qube that shows it, the calling qube, state",
+    )
+    asked.add_argument("--json", action="store_true", help="one JSON object per line, with text")
+    reply = commands.add_parser("answer", help="answer a pending question, as the person would")
+    reply.add_argument("id", metavar="ID", help="QUBE:TOKEN, as `qubesim questions` lists it")
+    reply.add_argument("reply", choices=screen.ANSWERS)
     outside = commands.add_parser(
         "world",
         help="the outside world on loopback: the logs repository behind sshd, qubes-builder and"
@@ -71,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                     if arguments.json
                     else audit.format_entry(entry)
                 )
+        elif arguments.command == "questions":
+            host.require_root()
+            for question in screen.questions(layout):
+                print(
+                    json.dumps(dataclasses.asdict(question), sort_keys=True)
+                    if arguments.json
+                    else screen.format_question(question)
+                )
+        elif arguments.command == "answer":
+            host.require_root()
+            screen.answer(layout, arguments.id, arguments.reply)
         elif arguments.command == "world":
             host.require_root()
             _world(world.World(layout), arguments.action)

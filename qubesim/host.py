@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from qubesim import daemon, dom0, template, world
+from qubesim import daemon, dom0, ports, template, world
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 from qubesim.model import Database, State
@@ -32,6 +32,11 @@ SERVICE_QUBES = (
 )
 
 
+# What the host's qubes listen on in this machine's loopback (qubes with a netvm share its network):
+# sys-net's updates proxy, a tinyproxy (qubesim/guest/tinyproxy-updates.conf).
+QUBE_PORTS = ((8082, "sys-net's updates proxy"),)
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise QubesimError("qubesim needs root: it makes namespaces and mounts (run it with sudo)")
@@ -40,6 +45,7 @@ def require_root() -> None:
 def initialise(layout: Layout) -> list[str]:
     """Create whatever of the simulated host is missing; return what was created."""
     require_root()
+    check_qube_ports(layout)
     template.check_host_programs()
     layout.create()
     dom0.ensure_in_dom0(layout)
@@ -66,6 +72,21 @@ def initialise(layout: Layout) -> list[str]:
         created.extend(_add_service_qubes(state, template_name))
         state.defaults["default_netvm"] = state.defaults["default_netvm"] or "sys-firewall"
     return created
+
+
+def check_qube_ports(layout: Layout) -> None:
+    """Refuse while a program other than this host's own qubes (another simulated host's sys-net,
+    a proxy of this machine) holds a port the qubes need: templates would download through it."""
+    namespaces: set[int | None] = set()
+    if Database(layout).exists():
+        runtime = Runtime(layout)
+        for name in Database(layout).read().names():
+            running = runtime.running(name)
+            if running is not None:
+                namespaces.add(ports.pid_namespace(running.pid))
+    namespaces.discard(None)
+    for port, needed_by in QUBE_PORTS:
+        ports.require(port, needed_by, lambda holder: ports.pid_namespace(holder.pid) in namespaces)
 
 
 def _add_service_qubes(state: State, template_name: str) -> list[str]:

@@ -31,6 +31,7 @@ _TARGET_OTHER_CHARACTERS = re.compile(r"[^A-Za-z0-9_.@:-]")
 _SERVICE = re.compile(r"[A-Za-z0-9_.-]+(\+[A-Za-z0-9_.+-]*)?")
 EXIT_REFUSED = 126
 DELAY_VARIABLE = "QUBESIM_QREXEC_DELAY_MS"
+DOM0_REASON = "dom0 is not subject to policy"
 
 
 class InvalidRequest(QubesimError):
@@ -63,6 +64,18 @@ class Call:
         return f"{self.service}+{self.argument}" if self.argument else self.service
 
 
+@dataclass(frozen=True)
+class Decided:
+    """What dom0 decided on a call, as the audit log records it and the call runs."""
+
+    actual_target: str
+    decision: str  # allow | deny
+    rule: str
+    reason: str
+    user: str | None = None
+    target_type: str = "name"
+
+
 def guest_runner() -> Path:
     """The service runner; the same script runs in qubes (from their template) and in dom0."""
     return Path(str(resources.files("qubesim") / "guest" / "qubesim-exec"))
@@ -79,6 +92,8 @@ class Qrexec:
         self.layout = layout
         self.database = Database(layout)
         self.runtime = Runtime(layout)
+        # The ids of the dom0 calls this object started, by (target, service), until they end.
+        self._dom0_calls: dict[tuple[str, str], list[str]] = {}
 
     # -- policy -----------------------------------------------------------------------------------
     def system(self) -> Any:
@@ -137,34 +152,43 @@ class Qrexec:
         requested_source: str = "",
     ) -> int | None:
         """Run a qube's call if policy allows it; None when refused. `started` is told first.
-        `requested_source` is qrexec-client-vm's --source-qube."""
+        `requested_source` is qrexec-client-vm's --source-qube. The decision is audited when it
+        is made, the end when the call ends (before the caller hears of it)."""
         _delay()
-        if requested_source:
-            reason = self._requested_source_refusal(requested_source)
-            self._audit(call, "", "deny", "", reason, EXIT_REFUSED)
+        decided = self._decide(call, requested_source)
+        if decided.decision != "allow":
+            self._audit_refused(call, decided)
             return None
-        decision = self.evaluate(call)
-        if not decision.allowed:
-            self._audit(call, "", "deny", decision.rule_location, decision.reason, EXIT_REFUSED)
-            return None
-        target = decision.target
-        refusal = engine().refusal_when_run(call.request(), decision)
-        if refusal:
-            self._audit(call, target, "deny", decision.rule_location, refusal, EXIT_REFUSED)
-            return None
-        if target.startswith("@dispvm"):
-            reason = "disposable qubes are not simulated"
-            self._audit(call, target, "deny", decision.rule_location, reason, EXIT_REFUSED)
-            return None
+        call_id = self._audit_decision(call, decided)
         try:
-            argv = self._service_argv(call, target, decision.user, decision.requested_target_type)
+            argv = self._service_argv(
+                call, decided.actual_target, decided.user, decided.target_type
+            )
         except QubesimError as error:
-            self._audit(call, target, "deny", decision.rule_location, str(error), EXIT_REFUSED)
+            self._audit_end(call_id, EXIT_REFUSED, str(error))
             return None
         started()
         code = _run(argv, stdio)
-        self._audit(call, target, "allow", decision.rule_location, decision.reason, code)
+        self._audit_end(call_id, code)
         return code
+
+    def _decide(self, call: Call, requested_source: str) -> Decided:
+        """Policy's decision on a qube's call, with what qrexec refuses before running it."""
+        if requested_source:
+            return Decided("", "deny", "", self._requested_source_refusal(requested_source))
+        decision = self.evaluate(call)
+        rule = decision.rule_location
+        if not decision.allowed:
+            return Decided("", "deny", rule, decision.reason)
+        target = decision.target
+        refusal = engine().refusal_when_run(call.request(), decision)
+        if refusal:
+            return Decided(target, "deny", rule, refusal)
+        if target.startswith("@dispvm"):
+            return Decided(target, "deny", rule, "disposable qubes are not simulated")
+        return Decided(
+            target, "allow", rule, decision.reason, decision.user, decision.requested_target_type
+        )
 
     def _requested_source_refusal(self, name: str) -> str:
         """Qubes accepts a requested source only for a RemoteVM relayed by the caller
@@ -175,14 +199,25 @@ class Qrexec:
 
     def call_from_dom0(self, target: str, user: str | None, full_service: str) -> list[str]:
         """The command for a dom0 call (not subject to policy) with the caller's stdio; the caller
-        runs it and reports the exit code with `audit_dom0_call`."""
+        runs it and reports the exit code with `audit_dom0_call`. The call is audited as started
+        here, once its target runs."""
         _delay()
         call = Call.parse(ADMIN_VM, target, full_service)
-        return self._service_argv(call, target, user, "name")
+        argv = self._service_argv(call, target, user, "name")
+        decided = Decided(target, "allow", "", DOM0_REASON)
+        self._dom0_calls.setdefault((target, full_service), []).append(
+            self._audit_decision(call, decided)
+        )
+        return argv
 
     def audit_dom0_call(self, target: str, full_service: str, code: int) -> None:
+        """The end of a dom0 call started with `call_from_dom0` (recorded whole if it was not)."""
+        started = self._dom0_calls.get((target, full_service))
+        if started:
+            self._audit_end(started.pop(), code)
+            return
         call = Call.parse(ADMIN_VM, target, full_service)
-        self._audit(call, target, "allow", "", "dom0 is not subject to policy", code)
+        self._audit_end(self._audit_decision(call, Decided(target, "allow", "", DOM0_REASON)), code)
 
     def _service_argv(
         self, call: Call, target: str, user: str | None, target_type: str
@@ -200,22 +235,36 @@ class Qrexec:
         user = user or self.database.read().get_property(target, "default_user")
         return self.runtime.service_argv(target, running, user, call.full_service, call.source)
 
-    def _audit(
-        self, call: Call, actual: str, decision: str, rule: str, reason: str, code: int
-    ) -> None:
-        entry = audit.Entry(
+    # -- audit ------------------------------------------------------------------------------------
+    def _decision_record(self, call: Call, decided: Decided) -> audit.Decision:
+        return audit.Decision(
+            call=audit.new_call_id(),
             time=audit.now(),
             source=call.source,
             target=call.target,
-            actual_target=actual,
+            actual_target=decided.actual_target,
             service=call.service,
             argument=call.argument,
-            decision=decision,
-            rule=rule,
-            reason=reason,
-            exit_code=code,
+            decision=decided.decision,
+            rule=decided.rule,
+            reason=decided.reason,
         )
-        audit.record(self.layout, entry)
+
+    def _audit_decision(self, call: Call, decided: Decided) -> str:
+        """Record an allowed call's decision; return the call's id."""
+        decision = self._decision_record(call, decided)
+        audit.record(self.layout, decision=decision)
+        return decision.call
+
+    def _audit_refused(self, call: Call, decided: Decided) -> None:
+        """A refused call is decided and ended at once: both in one write."""
+        decision = self._decision_record(call, decided)
+        end = audit.End(call=decision.call, time=decision.time, exit_code=EXIT_REFUSED)
+        audit.record(self.layout, decision=decision, end=end)
+
+    def _audit_end(self, call_id: str, code: int, error: str = "") -> None:
+        end = audit.End(call=call_id, time=audit.now(), exit_code=code, error=error)
+        audit.record(self.layout, end=end)
 
 
 def _run(argv: list[str], stdio: Sequence[int]) -> int:

@@ -57,6 +57,10 @@ GUEST_FILES = {
     "usr/lib/qubes/init/misc-post.sh": ("misc-post.sh", 0o755),
     "etc/tinyproxy/tinyproxy-updates.conf": ("tinyproxy-updates.conf", 0o644),
     "etc/qubes/rpc-config/qubes.UpdatesProxy": ("rpc-config-updates-proxy", 0o644),
+    "etc/qubes-rpc/qubes.WaitForSession": ("qubes.WaitForSession", 0o755),
+    # qubesim's screen: zenity's questions, seen and answered from dom0 (qubesim/screen.py).
+    "usr/bin/zenity": ("zenity", 0o755),
+    "usr/lib/tmpfiles.d/qubesim-screen.conf": ("qubesim-screen.tmpfiles", 0o644),
 }
 # The Qubes units a template carries (qubes-core-agent-linux vm-systemd/, qubes-core-qrexec
 # systemd/), each enabled as its preset (vm-systemd/75-qubes-vm.preset) enables it: the

@@ -21,18 +21,17 @@ variables that point at it (`ansible-playbook -e @...`). Keys and repositories a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from qubesim import ports
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 
@@ -263,34 +262,68 @@ def _pid(path: Path, program: str) -> int | None:
     return pid if name == program else None
 
 
-def _listening(port: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1):
-            return True
+@dataclass(frozen=True)
+class Server:
+    """One of the world's servers: its program (kernel name), pid file and ports."""
+
+    program: str
+    ports: tuple[int, ...]
+    label: str
+
+    def pid_file(self, world: World) -> Path:
+        return world.directory / f"{self.program}.pid"
+
+
+SSHD = Server("sshd", (SSH_PORT, UPLOAD_PORT), "the world's sshd")
+GIT_DAEMON = Server("git-daemon", (GIT_PORT,), "the world's git daemon")
+START_SECONDS = 30
+
+
+def running(world: World, server: Server) -> int | None:
+    """The pid of this world's server if it runs and holds its ports (a recorded pid that another
+    program has since taken does not)."""
+    pid = _pid(server.pid_file(world), server.program)
+    if pid is None:
+        return None
+    held = all(pid in {holder.pid for holder in ports.holders(port)} for port in server.ports)
+    return pid if held else None
+
+
+def _require_ports(world: World, server: Server) -> None:
+    """Refuse to start `server` on ports another program (or another world) holds."""
+    if running(world, server) is not None:
+        return
+    for port in server.ports:
+        ports.require(port, server.label, lambda holder: False)
+
+
+def _wait_started(world: World, server: Server) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while running(world, server) is None:
+        if time.monotonic() > deadline:
+            listed = ", ".join(str(port) for port in server.ports)
+            raise QubesimError(f"world: {server.label} does not listen on {LOOPBACK}:{listed}")
         time.sleep(0.1)
-    return False
 
 
 def start_sshd(world: World) -> None:
-    if _pid(world.directory / "sshd.pid", "sshd") is not None:
+    if running(world, SSHD) is not None:
         return
+    _require_ports(world, SSHD)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
     world.run("/usr/sbin/sshd", "-f", str(world.directory / "ssh" / "sshd_config"))
-    for port in (SSH_PORT, UPLOAD_PORT):
-        if not _listening(port, 30):
-            raise QubesimError(f"world: sshd does not listen on {LOOPBACK}:{port}")
+    _wait_started(world, SSHD)
 
 
 def start_git_daemon(world: World) -> None:
-    if _pid(world.directory / "git-daemon.pid", "git-daemon") is not None:
+    if running(world, GIT_DAEMON) is not None:
         return
+    _require_ports(world, GIT_DAEMON)
     git = world.directory / "git"
     world.run("git", "daemon", "--detach", "--reuseaddr", "--export-all", f"--base-path={git}",
               f"--listen={LOOPBACK}", f"--port={GIT_PORT}",
-              f"--pid-file={world.directory}/git-daemon.pid", str(git))  # fmt: skip
-    if not _listening(GIT_PORT, 30):
-        raise QubesimError(f"world: git daemon does not listen on {LOOPBACK}:{GIT_PORT}")
+              f"--pid-file={GIT_DAEMON.pid_file(world)}", str(git))  # fmt: skip
+    _wait_started(world, GIT_DAEMON)
 
 
 def _stop(path: Path, program: str) -> None:
@@ -305,13 +338,17 @@ def _stop(path: Path, program: str) -> None:
 
 
 def stop_sshd(world: World) -> None:
-    _stop(world.directory / "sshd.pid", "sshd")
+    _stop(SSHD.pid_file(world), SSHD.program)
 
 
 def up(world: World) -> None:
+    """Start the world (making it first); refused, before anything is made or started, while
+    another program holds a port one of its servers needs. Starting it again changes nothing."""
     missing = [tool for tool in TOOLS if not os.access(tool, os.X_OK)]
     if missing:
         raise QubesimError(f"world: this machine lacks {', '.join(missing)}")
+    for server in (SSHD, GIT_DAEMON):
+        _require_ports(world, server)
     make(world)
     start_sshd(world)
     start_git_daemon(world)
@@ -319,4 +356,4 @@ def up(world: World) -> None:
 
 def down(world: World) -> None:
     stop_sshd(world)
-    _stop(world.directory / "git-daemon.pid", "git-daemon")
+    _stop(GIT_DAEMON.pid_file(world), GIT_DAEMON.program)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -186,3 +187,27 @@ def audit_since(moment: datetime) -> list[dict[str, object]]:
         check=True,
     ).stdout
     return [json.loads(line) for line in output.splitlines()]
+
+
+# -- the screen: questions qubes ask a person (zenity), answered here ------------------------------
+def questions(qube: str | None = None) -> list[dict[str, object]]:
+    """The questions on the screens of the running qubes (of `qube` only, if given), oldest
+    first: id, time, qube (whose screen), caller (the calling qube it names), text, state."""
+    output = run_tool("qubesim", "questions", "--json").stdout
+    found = [json.loads(line) for line in output.splitlines()]
+    return [question for question in found if qube is None or question["qube"] == qube]
+
+
+def answer(question_id: object, reply: str) -> None:
+    """Answer a pending question yes or no, as the person at the screen would."""
+    run_tool("qubesim", "answer", str(question_id), reply)
+
+
+def pending_question(qube: str, timeout: float = 60) -> dict[str, object]:
+    """The one question waiting on `qube`'s screen, once it is there."""
+    deadline = time.monotonic() + timeout
+    while not (waiting := [q for q in questions(qube) if q["state"] == "pending"]):
+        assert time.monotonic() < deadline, f"no question appeared on {qube}'s screen"
+        time.sleep(0.2)
+    [question] = waiting
+    return question

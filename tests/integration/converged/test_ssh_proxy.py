@@ -19,13 +19,13 @@ UPLOAD = f"local.ConnectSSH+{world.UPLOAD_HOST}"
 
 def close_connections(qube: str) -> None:
     """End the build qube's shared ssh connection, so that the next ssh makes a new call (and the
-    call of the one that ends is logged)."""
+    call of the one that ends has its end in the audit log)."""
     in_qube(qube, f"ssh -O exit {world.UPLOAD_HOST} 2>/dev/null")
 
 
 def calls(since: datetime, source: str, service: str, wait: float = 0) -> list[dict[str, object]]:
     """The audit entries of `service` called by `source` since then, waiting up to `wait` seconds
-    for the first (a call is logged when it ends)."""
+    for the first (a call is logged when dom0 decides it)."""
     deadline = time.monotonic() + wait
     while True:
         found = [

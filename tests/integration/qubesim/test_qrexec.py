@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Policy, Qvm, as_root, audit_since
+from qubesim.layout import current
+from tests.integration.conftest import Policy, Qvm, as_root, audit_since, run_tool
 
 ECHO_SERVICE = """#!/bin/sh
 echo "user=$(id -un) arg=${1-} remote=$QREXEC_REMOTE_DOMAIN full=$QREXEC_SERVICE_FULL_NAME \
@@ -89,6 +90,8 @@ def test_denied_call_exits_126_runs_nothing_and_is_audited(
         (e["target"], e["service"], e["argument"], e["decision"], e["rule"], e["exit_code"])
         for e in entries
     ] == [(target, "test.Echo", "x", "deny", f"{path}:2", 126)]
+    # Decided and ended at once.
+    assert entries[0]["end_time"] == entries[0]["time"]
 
 
 def test_no_matching_rule_denies(qvm: Qvm, policy: Policy, pair: tuple[str, str]) -> None:
@@ -228,6 +231,115 @@ def test_policy_tools_in_dom0(
     linted = qvm("qubes-policy-lint", str(good), str(bad), check=False)
     assert linted.returncode == 1
     assert f"{bad}:2:" in linted.stderr
+
+
+# -- the audit log: a call's decision when it is made, its end when it ends ------------------------
+# qubes-core-qrexec, qrexec/tools/qrexec_policy_exec.py: LogAllowedResolution.execute logs an
+# allowed call ("allowed to TARGET") when the policy decides, before the service runs;
+# handle_request logs a refusal ("denied") at once. qubesim adds the end, under the call's id.
+WAIT_SERVICE = """#!/bin/sh
+while [ ! -e /tmp/release ]; do sleep 0.1; done
+exit 7
+"""
+
+
+def audit_lines(moment: datetime) -> list[str]:
+    return run_tool("qubesim", "audit", "--since", moment.isoformat()).stdout.splitlines()
+
+
+def audited(moment: datetime, wanted: Callable[[dict[str, object]], bool]) -> dict[str, object]:
+    """The one call since `moment` that `wanted` picks, once it is in the audit log."""
+    deadline = time.monotonic() + 60
+    while not (found := [entry for entry in audit_since(moment) if wanted(entry)]):
+        assert time.monotonic() < deadline, "the call never reached the audit log"
+        time.sleep(0.2)
+    [entry] = found
+    return entry
+
+
+def test_a_running_call_is_audited_when_decided_and_again_when_it_ends(
+    qvm: Qvm, policy: Policy, pair: tuple[str, str]
+) -> None:
+    source, target = pair
+    install_service(qvm, target, "test.Wait", WAIT_SERVICE)
+    path = policy(f"test.Wait * {source} {target} allow")
+    started = datetime.now(UTC)
+    running = subprocess.Popen(
+        ["qvm-run", "--pass-io", source, f"qrexec-client-vm {target} test.Wait+long"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        entry = audited(started, lambda e: e["source"] == source)
+        assert (entry["target"], entry["actual_target"], entry["service"], entry["argument"]) == (
+            target,
+            target,
+            "test.Wait",
+            "long",
+        )
+        assert (entry["decision"], entry["rule"], entry["exit_code"], entry["end_time"]) == (
+            "allow",
+            f"{path}:1",
+            None,
+            None,
+        )
+        assert running.poll() is None
+        [line] = [line for line in audit_lines(started) if " test.Wait+long " in line]
+        assert line.endswith(f" allow {path}:1 exit=running")
+    finally:
+        as_root(target, "touch /tmp/release")
+        running.communicate(timeout=60)
+    assert running.returncode == 7
+    ended = audited(started, lambda e: e["call"] == entry["call"])
+    assert (ended["time"], ended["exit_code"]) == (entry["time"], 7)
+    assert str(ended["end_time"]) > str(ended["time"])
+    [line] = [line for line in audit_lines(started) if " test.Wait+long " in line]
+    assert line.endswith(" exit=7")
+
+
+def test_a_running_call_from_dom0_is_audited_as_running(qvm: Qvm, appvm: str) -> None:
+    started = datetime.now(UTC)
+    waiting = "while [ ! -e /tmp/release ]; do sleep 0.1; done; exit 5"
+    running = subprocess.Popen(
+        ["qvm-run", "--pass-io", appvm, waiting], stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        entry = audited(started, lambda e: e["target"] == appvm)
+        assert (entry["source"], entry["service"], entry["decision"], entry["exit_code"]) == (
+            "dom0",
+            "qubes.VMShell",
+            "allow",
+            None,
+        )
+    finally:
+        as_root(appvm, "touch /tmp/release")
+        running.wait(timeout=60)
+    assert audited(started, lambda e: e["call"] == entry["call"])["exit_code"] == 5
+
+
+def test_concurrent_calls_keep_their_lines_whole_and_paired(
+    qvm: Qvm, policy: Policy, pair: tuple[str, str]
+) -> None:
+    source, target = pair
+    policy(f"test.Echo * {source} {target} allow")
+    started = datetime.now(UTC)
+    qvm(
+        "qvm-run",
+        "--pass-io",
+        source,
+        f"for i in $(seq 12); do qrexec-client-vm {target} test.Echo+$i >/dev/null & done; wait",
+    )
+    entries = [e for e in audit_since(started) if e["source"] == source]
+    assert sorted(int(str(e["argument"])) for e in entries) == list(range(1, 13))
+    assert all(e["exit_code"] == 0 and e["end_time"] for e in entries)
+    calls = {str(e["call"]) for e in entries}
+    assert len(calls) == 12
+    # Every line of the log is whole; each of these calls has one decision and one end.
+    events = [json.loads(line) for line in current().audit_log.read_text().splitlines()]
+    ours = sorted((event["call"], event["event"]) for event in events if event.get("call") in calls)
+    assert ours == sorted((call, kind) for call in calls for kind in ("decision", "end"))
 
 
 def test_calls_from_dom0_are_audited(qvm: Qvm, appvm: str) -> None:

@@ -275,6 +275,8 @@ def test_split_gpg_client_reads_only_its_environment(
         login = "env QUBES_GPG_DOMAIN=elsewhere bash -lc 'echo $QUBES_GPG_DOMAIN'"
         assert in_qube(qvm, source, login).stdout == f"{target}\n"
         policy(f"qubes.Gpg * {source} {target} allow")
+        # The window open, so that the keys qube answers without asking its screen.
+        as_root(target, f"touch /run/qubes-gpg-split/stat.{source}")
         started = datetime.now(UTC)
         wrapped = in_qube(
             qvm, source, "env QUBES_GPG_DOMAIN=elsewhere qubes-gpg-client-wrapper --list-keys"

@@ -143,8 +143,8 @@ def test_command_timeout_kills_the_remote_work(
 def test_persistent_mode_makes_one_qrexec_call(
     qvm: Qvm, three_qubes: list[str], tmp_path: Path
 ) -> None:
-    """Many tasks, one stream: the audit log shows one qubes.VMShell call to the qube (written
-    when the call ends, here when the qube shuts down under the open stream)."""
+    """Many tasks, one stream: the audit log shows one qubes.VMShell call to the qube (its
+    decision is written when the stream opens, its end when the qube shuts down under it)."""
     qube = three_qubes[0]
     started = datetime.now(UTC)
     inventory = write_inventory(tmp_path / "hosts.yml", [qube], ansible_qubes_persist_idle=30)
