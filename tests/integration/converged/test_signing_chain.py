@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from qubesim import world
-from tests.integration.conftest import Policy, as_root, run_tool
+from tests.integration.conftest import Policy, as_root, questions, run_tool
 from tests.integration.converged.chain import BUILDER, Chain, build, in_qube, verify_signature
 
 STAT = "/run/qubes-gpg-split/stat.{}"
@@ -42,6 +42,11 @@ def test_a_log_opens_the_signing_window_of_its_own_keys_qube_only(chain: Chain) 
         close_window(f"keys-{env}", f"build-{env}")
     refused = sign("build-fedora")
     assert refused.returncode != 0 and "BEGIN PGP SIGNATURE" not in refused.stdout
+    # Refused at once, in the keys qube: nobody is asked (split-GPG's own service would ask).
+    assert questions("keys-fedora") == []
+    assert "refused a signing request from 'build-fedora'" in as_root(
+        "keys-fedora", "journalctl -t qubes.Gpg --no-pager -o cat"
+    ).stdout
 
     sent = send_log("build-fedora", "compiling foo\nlinking foo\n")
     assert sent.returncode == 0, sent.stderr
@@ -205,6 +210,7 @@ def test_signing_after_the_window_is_refused(chain: Chain) -> None:
     as_root("keys-fedora", f"touch -d '10 minutes ago' {STAT.format('build-fedora')}")
     late = sign("build-fedora")
     assert late.returncode != 0 and "BEGIN PGP SIGNATURE" not in late.stdout
+    assert questions("keys-fedora") == []
 
 
 def test_a_killed_build_leaves_every_line_it_sent(chain: Chain) -> None:
