@@ -63,8 +63,9 @@ def _create(context: Context, arguments: argparse.Namespace, klass: str, label: 
         _check_storage(klass, pools, arguments.one_pool)
         template_name = arguments.template if klass != "StandaloneVM" else None
         state.add_qube(name, klass, label, template_name)["tags"].append("created-by-dom0")
+        release = state.release
     if klass in OWN_ROOT:
-        template.prepare(context.layout, name)
+        template.prepare(context.layout, name, release)
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:
