@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qubesim.errors import QubesimError
-from qubesim.tools.common import Context, parser, print_error, run
+from qubesim.tools.common import Context, parser, print_error, qube_names, run
 
 
 def _start(context: Context, name: str, skip_if_running: bool) -> None:
@@ -19,14 +19,12 @@ def _start(context: Context, name: str, skip_if_running: bool) -> None:
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:
     state = context.state()
-    for name in arguments.VMNAME:
-        state.qube(name)
     failed = 0
-    for name in arguments.VMNAME:
+    for name in qube_names(state, arguments.VMNAME):
         try:
             _start(context, name, arguments.skip_if_running)
         except QubesimError as error:
-            print_error(f"Starting qube failed: {name}: {error}")
+            print_error(f"Starting qube failed: {name}: {error}", state.release)
             failed = 1
     return failed
 
