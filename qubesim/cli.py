@@ -27,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--release",
         choices=release.RELEASES,
-        help=f"the Qubes release to simulate (default: ${release.VARIABLE}, else"
-        f" {release.CURRENT}); a host keeps the release it was made with",
+        help=f"the Qubes release to simulate (default: ${release.VARIABLE}, else the host's own,"
+        f" else {release.CURRENT}); a host keeps the release it was made with",
     )
     commands.add_parser("info", help="print the host's release, home and templates")
     commands.add_parser("destroy", help="stop every qube and remove the simulated host")
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "init":
             wanted = release.requested(arguments.release, os.environ)
-            created = host.initialise(layout, wanted)
+            made, created = host.initialise(layout, wanted)
             print(
-                f"qubesim: Qubes {wanted} host ready at {layout.home}"
+                f"qubesim: Qubes {made} host ready at {layout.home}"
                 + (f"; created {', '.join(created)}" if created else "")
             )
         elif arguments.command == "info":

@@ -31,15 +31,15 @@ def require_root() -> None:
         raise QubesimError("qubesim needs root: it makes namespaces and mounts (run it with sudo)")
 
 
-def initialise(layout: Layout, wanted: str) -> list[str]:
-    """Create whatever of a simulated host of release `wanted` is missing; return what was
-    created. A host keeps the release it was made with: another one is refused before anything
-    changes."""
+def initialise(layout: Layout, wanted: str | None) -> tuple[str, list[str]]:
+    """Create whatever of the simulated host is missing; return its release and what was created.
+    A new host is of release `wanted` (None: the current one); a host keeps the release it was
+    made with, and another one asked for is refused before anything changes."""
     require_root()
     template.check_host_programs()
     database = Database(layout)
-    if database.exists():
-        release.check_same(str(layout.home), database.read().release, wanted)
+    existing = database.read().release if database.exists() else None
+    wanted = release.chosen(str(layout.home), existing, wanted)
     layout.create()
     dom0.ensure_in_dom0(layout)
     database.create()
@@ -59,7 +59,7 @@ def initialise(layout: Layout, wanted: str) -> list[str]:
     with database.transaction() as state:
         created.extend(_add_service_qubes(state, full))
         state.defaults["default_netvm"] = state.defaults["default_netvm"] or "sys-firewall"
-    return created
+    return wanted, created
 
 
 def _add_templates(state: State, full: str) -> list[str]:

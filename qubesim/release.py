@@ -21,11 +21,11 @@ class ReleaseMismatch(QubesimError):
     pass
 
 
-def requested(option: str | None, environment: Mapping[str, str]) -> str:
-    """The release `qubesim init` is asked for: --release, else $QUBESIM_RELEASE, else the
-    current one."""
-    wanted = option or environment.get(VARIABLE) or CURRENT
-    if wanted not in RELEASES:
+def requested(option: str | None, environment: Mapping[str, str]) -> str | None:
+    """The release `qubesim init` is asked for: --release, else $QUBESIM_RELEASE; None when
+    neither says (a new host is then CURRENT, an existing one keeps its own)."""
+    wanted = option or environment.get(VARIABLE) or None
+    if wanted is not None and wanted not in RELEASES:
         origin = "--release" if option else VARIABLE
         raise QubesimError(
             f"{origin}: Qubes release {wanted!r} is not simulated (one of {', '.join(RELEASES)})"
@@ -39,14 +39,19 @@ def stored(data: Mapping[str, object]) -> str:
     return value if isinstance(value, str) and value in RELEASES else UNRECORDED
 
 
-def check_same(home: str, existing: str, wanted: str) -> None:
-    """A host keeps its release: asking for another one is refused, saying how to start over."""
-    if existing != wanted:
+def chosen(home: str, existing: str | None, wanted: str | None) -> str:
+    """The release of the host at `home` after `qubesim init`: a new host is the one asked for
+    (or CURRENT); an existing one keeps its own, and asking for another is refused, saying how to
+    start over."""
+    if existing is None:
+        return wanted or CURRENT
+    if wanted is not None and wanted != existing:
         raise ReleaseMismatch(
             f"the simulated host at {home} is Qubes {existing}, not {wanted}; to make a"
             f" {wanted} host here, remove this one first with 'qubesim destroy' (with"
             f" QUBESIM_HOME={home}), or choose another QUBESIM_HOME"
         )
+    return existing
 
 
 def since(release: str, first: str) -> bool:

@@ -18,11 +18,11 @@ SUDOERS = "etc/sudoers.d/qubes"
 
 
 # -- the release ---------------------------------------------------------------------------------
-def test_the_release_asked_for_is_the_option_then_the_variable_then_the_current_one() -> None:
+def test_the_release_asked_for_is_the_option_then_the_variable() -> None:
     assert release.requested("4.2", {"QUBESIM_RELEASE": "4.3"}) == "4.2"
     assert release.requested(None, {"QUBESIM_RELEASE": "4.2"}) == "4.2"
-    assert release.requested(None, {"QUBESIM_RELEASE": ""}) == "4.3"
-    assert release.requested(None, {}) == release.CURRENT == "4.3"
+    assert release.requested(None, {"QUBESIM_RELEASE": ""}) is None
+    assert release.requested(None, {}) is None
 
 
 def test_a_release_that_is_not_simulated_is_refused_naming_where_it_came_from() -> None:
@@ -37,13 +37,17 @@ def test_a_host_keeps_its_release_and_one_without_a_record_is_4_3() -> None:
     assert state.release == "4.3"  # made before qubesim recorded releases: it was made as 4.3
     state.data["release"] = "4.2"
     assert state.release == "4.2"
-    release.check_same("/var/lib/qubesim", "4.2", "4.2")
+    home = "/var/lib/qubesim"
+    assert release.chosen(home, None, None) == release.CURRENT == "4.3"  # a new host
+    assert release.chosen(home, None, "4.2") == "4.2"
+    assert release.chosen(home, "4.2", None) == "4.2"  # nothing asked: the host's own
+    assert release.chosen(home, "4.2", "4.2") == "4.2"
     with pytest.raises(release.ReleaseMismatch) as refused:
-        release.check_same("/var/lib/qubesim", "4.2", "4.3")
+        release.chosen(home, "4.2", "4.3")
     message = str(refused.value)
     assert "is Qubes 4.2, not 4.3" in message
     assert "qubesim destroy" in message
-    assert "/var/lib/qubesim" in message
+    assert home in message
 
 
 def test_since_compares_releases_as_numbers() -> None:
