@@ -1,4 +1,5 @@
-"""Making and unmaking the simulated host: dom0, the host's template and the service qubes."""
+"""Making and unmaking the simulated host of one Qubes release: dom0 and its default policy, the
+distribution's template and its minimal one, and the service qubes."""
 
 from __future__ import annotations
 
@@ -39,27 +40,27 @@ def initialise(layout: Layout, wanted: str | None) -> tuple[str, list[str]]:
     template.check_host_programs()
     database = Database(layout)
     existing = database.read().release if database.exists() else None
-    wanted = release.chosen(str(layout.home), existing, wanted)
+    made = release.chosen(str(layout.home), existing, wanted)
     layout.create()
     dom0.ensure_in_dom0(layout)
     database.create()
     _write_tool_shims(layout)
-    _install_default_policy(wanted)
+    _install_default_policy(made)
     full = template.host_template_name()
     created = []
     with database.transaction() as state:
-        state.data["release"] = wanted
+        state.data["release"] = made
         created.extend(_add_templates(state, full))
         state.defaults["default_template"] = state.defaults["default_template"] or full
-    template.prepare(layout, full, wanted)
-    template.prepare(layout, template.minimal_template_name(full), wanted, minimal=True)
+    template.prepare(layout, full, made)
+    template.prepare(layout, template.minimal_template_name(full), made, minimal=True)
     # The qrexec daemon runs the code installed now; running qubes reconnect to it on their own.
     daemon.stop_singleton(layout, daemon.QREXEC)
     daemon.ensure_qrexec(layout)
     with database.transaction() as state:
         created.extend(_add_service_qubes(state, full))
         state.defaults["default_netvm"] = state.defaults["default_netvm"] or "sys-firewall"
-    return wanted, created
+    return made, created
 
 
 def _add_templates(state: State, full: str) -> list[str]:
@@ -72,9 +73,9 @@ def _add_templates(state: State, full: str) -> list[str]:
     return created
 
 
-def default_policy_files(wanted: str) -> dict[str, bytes]:
+def default_policy_files(qubes_release: str) -> dict[str, bytes]:
     """dom0's default policy files of a release: path under policy.d -> content."""
-    base = resources.files("qubesim") / "dom0_policy" / wanted
+    base = resources.files("qubesim") / "dom0_policy" / qubes_release
     files: dict[str, bytes] = {}
     for entry in base.iterdir():
         children = list(entry.iterdir()) if entry.is_dir() else [entry]
@@ -84,10 +85,10 @@ def default_policy_files(wanted: str) -> dict[str, bytes]:
     return files
 
 
-def _install_default_policy(wanted: str) -> None:
+def _install_default_policy(qubes_release: str) -> None:
     """Install the release's default policy as its packages do: qubesim's copy replaces an
     outdated one (a default file is not to be edited: changes go into earlier files)."""
-    for relative, content in default_policy_files(wanted).items():
+    for relative, content in default_policy_files(qubes_release).items():
         path = POLICY_DIRECTORY / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_bytes() != content:
