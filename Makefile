@@ -28,6 +28,7 @@ NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo
 
 help:
 	@echo "make demo   - run the infrastructure on qubesim (the simulated Qubes host) and one build"
+	@echo "              (a Qubes 4.3 host; QUBESIM_RELEASE=4.2 make demo for a 4.2 one)"
 	@echo "make test   - lint, sanity, unit and integration tests"
 	@echo "make lint | sanity | unit | integration | molecule - one test layer"
 	@echo "make molecule SCENARIO=build_vm - one molecule scenario"

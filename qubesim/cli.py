@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
-from qubesim import audit, dom0, host, screen, world
+from qubesim import audit, dom0, host, release, screen, world
 from qubesim.errors import QubesimError
 from qubesim.layout import current
 
@@ -19,9 +20,18 @@ def _parser() -> argparse.ArgumentParser:
         " collection uses. State lives under $QUBESIM_HOME (default /var/lib/qubesim).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
-        "init", help="create dom0, the host's template and sys-net, sys-firewall, sys-whonix"
+    init = commands.add_parser(
+        "init",
+        help="create dom0, the host's template and its minimal one, and sys-net, sys-firewall,"
+        " sys-whonix, as a Qubes release has them",
     )
+    init.add_argument(
+        "--release",
+        choices=release.RELEASES,
+        help=f"the Qubes release to simulate (default: ${release.VARIABLE}, else the host's own,"
+        f" else {release.CURRENT}); a host keeps the release it was made with",
+    )
+    commands.add_parser("info", help="print the host's release, home and templates")
     commands.add_parser("destroy", help="stop every qube and remove the simulated host")
     log = commands.add_parser("audit", help="print the qrexec audit log")
     log.add_argument("--since", type=audit.parse_since, help="ISO 8601 time or epoch seconds")
@@ -65,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     layout = current()
     try:
         if arguments.command == "init":
-            created = host.initialise(layout)
+            wanted = release.requested(arguments.release, os.environ)
+            made, created = host.initialise(layout, wanted)
             print(
-                f"qubesim: host ready at {layout.home}"
+                f"qubesim: Qubes {made} host ready at {layout.home}"
                 + (f"; created {', '.join(created)}" if created else "")
             )
+        elif arguments.command == "info":
+            host.require_root()
+            for key, value in host.describe(layout):
+                print(f"{key}: {value}")
         elif arguments.command == "destroy":
             if not host.destroy(layout):
                 print(f"qubesim: nothing to destroy at {layout.home}")

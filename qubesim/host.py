@@ -1,28 +1,23 @@
-"""Making and unmaking the simulated host: dom0, the host's template and the service qubes."""
+"""Making and unmaking the simulated host of one Qubes release: dom0 and its default policy, the
+distribution's template and its minimal one, and the service qubes."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from importlib import resources
 from pathlib import Path
 
-from qubesim import daemon, dom0, ports, template, world
+from qubesim import daemon, dom0, ports, release, template, world
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 from qubesim.model import Database, State
 from qubesim.runtime import Runtime
 from qubesim.tools import TOOL_NAMES
 
-# Qubes' own policy for what qubesim models of it (qubes-core-admin, qubes-rpc-policy/
-# 90-default.policy): templates download packages through the updates proxy of sys-net.
-DEFAULT_POLICY = Path("/etc/qubes/policy.d/90-default.policy")
-DEFAULT_POLICY_RULES = """\
-## Default policy of a Qubes installation (the part that qubesim models).
-
-qubes.UpdatesProxy      *   @type:TemplateVM        @default    allow target=sys-net
-qubes.UpdatesProxy      *   @anyvm                  @anyvm      deny
-"""
+# dom0's default policy files, per release (qubesim/dom0_policy/RELEASE, installed as they are).
+POLICY_DIRECTORY = Path("/etc/qubes/policy.d")
 
 # The service qubes of a default Qubes installation: name, label, netvm.
 SERVICE_QUBES = (
@@ -42,35 +37,49 @@ def require_root() -> None:
         raise QubesimError("qubesim needs root: it makes namespaces and mounts (run it with sudo)")
 
 
-def initialise(layout: Layout) -> list[str]:
-    """Create whatever of the simulated host is missing; return what was created."""
+def initialise(layout: Layout, wanted: str | None) -> tuple[str, list[str]]:
+    """Create whatever of the simulated host is missing; return its release and what was created.
+    A new host is of release `wanted` (None: the current one); a host keeps the release it was
+    made with, and another one asked for is refused before anything changes."""
     require_root()
     check_qube_ports(layout)
     template.check_host_programs()
+    database = Database(layout)
+    existing = database.read().release if database.exists() else None
+    made = release.chosen(str(layout.home), existing, wanted)
     layout.create()
     dom0.ensure_in_dom0(layout)
-    database = Database(layout)
     database.create()
     _write_tool_shims(layout)
-    if not DEFAULT_POLICY.exists():
-        DEFAULT_POLICY.write_text(DEFAULT_POLICY_RULES)
-    template_name = template.host_template_name()
+    _install_default_policy(made)
+    full = template.host_template_name()
     created = []
     with database.transaction() as state:
-        if template_name not in state.qubes:
-            state.add_qube(template_name, "TemplateVM", "black", None)
-            created.append(template_name)
-        state.defaults["default_template"] = state.defaults["default_template"] or template_name
-    template.prepare(layout, template_name)
+        state.data["release"] = made
+        created.extend(_add_templates(state, full))
+        state.defaults["default_template"] = state.defaults["default_template"] or full
+    template.prepare(layout, full, made)
+    template.prepare(layout, template.minimal_template_name(full), made, minimal=True)
     runtime = Runtime(layout)
-    if not runtime.is_running(template_name):  # its AppVMs see the refreshed tools
-        runtime.commit_template(template_name)
+    for name in (full, template.minimal_template_name(full)):
+        if not runtime.is_running(name):  # its AppVMs see the refreshed tools
+            runtime.commit_template(name)
     # The qrexec daemon runs the code installed now; running qubes reconnect to it on their own.
     daemon.stop_singleton(layout, daemon.QREXEC)
     daemon.ensure_qrexec(layout)
     with database.transaction() as state:
-        created.extend(_add_service_qubes(state, template_name))
+        created.extend(_add_service_qubes(state, full))
         state.defaults["default_netvm"] = state.defaults["default_netvm"] or "sys-firewall"
+    return made, created
+
+
+def _add_templates(state: State, full: str) -> list[str]:
+    """The distribution's template and its minimal one, as a Qubes installation has them."""
+    created = []
+    for name in (full, template.minimal_template_name(full)):
+        if name not in state.qubes:
+            state.add_qube(name, "TemplateVM", "black", None)
+            created.append(name)
     return created
 
 
@@ -87,6 +96,44 @@ def check_qube_ports(layout: Layout) -> None:
     namespaces.discard(None)
     for port, needed_by in QUBE_PORTS:
         ports.require(port, needed_by, lambda holder: ports.pid_namespace(holder.pid) in namespaces)
+
+
+def default_policy_files(qubes_release: str) -> dict[str, bytes]:
+    """dom0's default policy files of a release: path under policy.d -> content."""
+    base = resources.files("qubesim") / "dom0_policy" / qubes_release
+    files: dict[str, bytes] = {}
+    for entry in base.iterdir():
+        children = list(entry.iterdir()) if entry.is_dir() else [entry]
+        for child in children:
+            relative = child.name if child is entry else f"{entry.name}/{child.name}"
+            files[relative] = child.read_bytes()
+    return files
+
+
+def _install_default_policy(qubes_release: str) -> None:
+    """Install the release's default policy as its packages do: qubesim's copy replaces an
+    outdated one (a default file is not to be edited: changes go into earlier files)."""
+    for relative, content in default_policy_files(qubes_release).items():
+        path = POLICY_DIRECTORY / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != content:
+            temporary = path.with_name(f".{path.name}.new")
+            temporary.write_bytes(content)
+            temporary.chmod(0o644)
+            os.replace(temporary, path)
+
+
+def describe(layout: Layout) -> list[tuple[str, str]]:
+    """What `qubesim info` prints: one (key, value) a line, in a fixed order; lists are
+    space-separated and sorted."""
+    state = Database(layout).read()
+    templates = [name for name in state.names() if state.qube(name)["klass"] == "TemplateVM"]
+    return [
+        ("release", state.release),
+        ("home", str(layout.home)),
+        ("templates", " ".join(templates)),
+        ("default_template", state.global_default("default_template") or ""),
+    ]
 
 
 def _add_service_qubes(state: State, template_name: str) -> list[str]:

@@ -25,6 +25,7 @@ from qubesim.properties import (
     Property,
     RefusedValue,
 )
+from qubesim.release import stored
 
 GiB = 1024**3
 
@@ -60,6 +61,11 @@ class State:
 
     def names(self) -> list[str]:
         return sorted(self.qubes)
+
+    @property
+    def release(self) -> str:
+        """The Qubes release the host simulates (qubesim/release.py)."""
+        return stored(self.data)
 
     def global_default(self, key: str) -> Any:
         return self.defaults.get(key, GLOBAL_DEFAULTS.get(key))

@@ -50,8 +50,6 @@ GUEST_FILES = {
     "usr/lib/tmpfiles.d/qubes-gpg-split.conf": ("qubes-gpg-split.tmpfiles", 0o644),
     "etc/qubes-rpc/qubes.VMShell": ("qubes.VMShell", 0o755),
     "etc/qubes-rpc/qubes.VMRootShell": ("qubes.VMShell", 0o755),
-    "etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644),
-    "etc/sudoers.d/qubes": ("sudoers", 0o440),
     "usr/lib/qubes/qubesim-tcp-service": ("qubesim-tcp-service", 0o755),
     "usr/lib/qubes/update-proxy-configs": ("update-proxy-configs", 0o755),
     "usr/lib/qubes/init/misc-post.sh": ("misc-post.sh", 0o755),
@@ -83,6 +81,17 @@ QUBES_DISABLED_UNITS = frozenset({"apt-daily.timer", "apt-daily-upgrade.timer"})
 # `user`'s own systemd instance runs from boot, as it does in a Qubes AppVM with its session.
 LINGER = "var/lib/systemd/linger/user"
 
+# Guest files that came with a release: core-agent-linux ships qubes.VMRootShell's rpc-config,
+# which runs the service as root whatever user the caller got, from 4.3 (commit 1c538af2).
+RELEASE_GUEST_FILES = {
+    "4.3": {"etc/qubes/rpc-config/qubes.VMRootShell": ("rpc-config-force-root", 0o644)},
+}
+# The package that gives `user` root without a password; Qubes' minimal templates go without it.
+PASSWORDLESS_ROOT = "qubes-core-agent-passwordless-root"
+PASSWORDLESS_ROOT_FILES = {"etc/sudoers.d/qubes": ("sudoers", 0o440)}
+# Groups that a distribution's sudoers lets administer the system: Qubes' packaging puts `user`
+# only in `qubes`, so a template's `user` is in none of these.
+ADMIN_GROUPS = ("sudo", "wheel", "admin")
 # Guest services that qrexec reaches as TCP services (symlinks to /dev/tcp/HOST/PORT).
 GUEST_LINKS = {
     # The updates qube's proxy: its tinyproxy, on its own loopback.
@@ -99,6 +108,7 @@ QUBES_PACKAGES = {
         "etc/profile.d/qubes-gpg.sh",
         "usr/lib/tmpfiles.d/qubes-gpg-split.conf",
     ),
+    PASSWORDLESS_ROOT: tuple(PASSWORDLESS_ROOT_FILES),
 }
 QUBES_PACKAGE_VERSION = "2.0+qubesim1"
 DPKG_STATUS = "var/lib/dpkg/status"
@@ -274,10 +284,25 @@ def discard_snapshots(layout: Layout, name: str, in_use: set[Path]) -> None:
             shutil.rmtree(_snapshot_directory(layout, name) / generation, ignore_errors=True)
 
 
-def install_guest_files(root: Path) -> None:
+def guest_files(release: str, minimal: bool) -> dict[str, tuple[str, int]]:
+    """What qubesim installs in a template of `release`; a minimal one lacks passwordless root."""
+    files = {**GUEST_FILES, **RELEASE_GUEST_FILES.get(release, {})}
+    return files if minimal else {**files, **PASSWORDLESS_ROOT_FILES}
+
+
+def qubes_packages(minimal: bool) -> dict[str, tuple[str, ...]]:
+    """The Qubes packages a template carries, among those whose files qubesim installs."""
+    return {
+        package: files
+        for package, files in QUBES_PACKAGES.items()
+        if not (minimal and package == PASSWORDLESS_ROOT)
+    }
+
+
+def install_guest_files(root: Path, release: str, minimal: bool = False) -> None:
     """Write the guest tools and the `user` account into a mounted template root."""
     guest = resources.files("qubesim") / "guest"
-    for destination, (source, mode) in GUEST_FILES.items():
+    for destination, (source, mode) in guest_files(release, minimal).items():
         _write_file(root / destination, (guest / source).read_bytes(), mode)
     for destination, target in GUEST_LINKS.items():
         _link(root / destination, target)
@@ -285,7 +310,7 @@ def install_guest_files(root: Path) -> None:
         (root / "usr/local" / directory).mkdir(mode=0o755, exist_ok=True)
     _install_units(root)
     _ensure_user(root)
-    _register_packages(root)
+    _register_packages(root, qubes_packages(minimal))
 
 
 def _install_units(root: Path) -> None:
@@ -317,8 +342,8 @@ def _link(path: Path, target: str) -> None:
     path.symlink_to(target)
 
 
-def _register_packages(root: Path) -> None:
-    """Record QUBES_PACKAGES in the template's dpkg database, once (on a dpkg system)."""
+def _register_packages(root: Path, packages: dict[str, tuple[str, ...]]) -> None:
+    """Record Qubes packages in the template's dpkg database, once (on a dpkg system)."""
     status = root / DPKG_STATUS
     if not status.exists():
         return
@@ -327,7 +352,7 @@ def _register_packages(root: Path) -> None:
         line.removeprefix("Package: ") for line in text.splitlines() if line.startswith("Package: ")
     }
     separator = "" if text.endswith("\n\n") or not text else "\n"
-    for package, files in QUBES_PACKAGES.items():
+    for package, files in packages.items():
         if package in registered:
             continue
         (root / f"var/lib/dpkg/info/{package}.list").write_text(
@@ -369,11 +394,27 @@ def _ensure_user(root: Path) -> None:
         etc / "passwd", holds_id, f"{USER}:x:{USER_ID}:{USER_ID}:{USER}:/home/{USER}:/bin/bash"
     )
     groups = _rewrite_entries(etc / "group", holds_id, f"{USER}:x:{USER_ID}:")
+    _leave_admin_groups(etc / "group")
     _ensure_qubes_group(etc / "group")
     _rewrite_entries(
         etc / "shadow", lambda f: f[0] in users | {USER}, f"{USER}:!:19000:0:99999:7:::"
     )
     _rewrite_entries(etc / "gshadow", lambda f: f[0] in groups | {USER}, f"{USER}:!::")
+
+
+def _leave_admin_groups(path: Path) -> None:
+    """Take `user` out of ADMIN_GROUPS (a host account named `user` may have been in one)."""
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) == 4 and fields[0] in ADMIN_GROUPS:
+            members = [member for member in fields[3].split(",") if member and member != USER]
+            line = ":".join([*fields[:3], ",".join(members)])
+        kept.append(line)
+    if kept != lines:
+        with open(path, "w") as file:
+            file.write("\n".join(kept) + "\n")
 
 
 def _ensure_qubes_group(path: Path) -> None:
@@ -388,14 +429,24 @@ def _ensure_qubes_group(path: Path) -> None:
         file.write(f"qubes:x:{gid}:{USER}\n")
 
 
-def prepare(layout: Layout, name: str, copy_of: str | None = None) -> None:
-    """Create (or refresh the guest tools of) a template from this machine's root, or a
-    StandaloneVM's root from a copy of its template's committed root (`copy_of`)."""
+def prepare(
+    layout: Layout, name: str, release: str, minimal: bool = False, copy_of: str | None = None
+) -> None:
+    """Create (or refresh the guest tools of) a template of `release` from this machine's root,
+    or a StandaloneVM's root from a copy of its template's committed root (`copy_of`)."""
     check_host_programs()
-    if copy_of is not None and not layout.root_upper(name).joinpath("upper").exists():
-        _copy_committed_root(layout, copy_of, name)
+    if copy_of is not None:  # the guest tools come with the copy, as they are in the template
+        if not layout.root_upper(name).joinpath("upper").exists():
+            _copy_committed_root(layout, copy_of, name)
+        mount(layout, name)
+        return
     create_root(layout, name)
-    install_guest_files(mount(layout, name))
+    install_guest_files(mount(layout, name), release, minimal)
+
+
+def minimal_template_name(name: str) -> str:
+    """debian-12-minimal: the name Qubes gives the minimal template of a distribution."""
+    return f"{name}-minimal"
 
 
 def _copy_committed_root(layout: Layout, template: str, name: str) -> None:

@@ -40,9 +40,10 @@ options:
       - name: ansible_qubes_name
   remote_user:
     description:
-      - The user to run as in the qube. V(root) uses C(qubes.VMRootShell), without sudo.
+      - The user to run as in the qube. V(root) uses C(qubes.VMRootShell), without sudo, asking
+        for root (C(qvm-run --user root)) as Qubes 4.2 needs (4.3 forces root for that service).
       - Unset means the qube's default user. From an admin qube only the default user and
-        V(root) are possible.
+        V(root) are possible, and the policy rule for C(qubes.VMRootShell) names C(user=root).
     type: str
     vars:
       - name: ansible_user
@@ -337,7 +338,8 @@ class Connection(ConnectionBase):
         command = ["qvm-run", "--pass-io", "--no-gui", "--service"]
         if not self.get_option("autostart"):
             command.append("--no-autostart")
-        if user not in (None, "root"):
+        # Root is asked for even for qubes.VMRootShell: only from 4.3 does the qube force it.
+        if user is not None:
             command += ["--user", user]
         return [*command, qube, service]
 

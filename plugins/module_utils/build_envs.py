@@ -399,9 +399,10 @@ def shared_policy_rules(admin_qubes: tuple[str, ...] = ()) -> list[str]:
     """
     rules = [SHARED_SECTION]
     for admin in admin_qubes:
+        # Qubes 4.2 runs qubes.VMRootShell as the rule's user (4.3 forces root): name root.
         rules += [
-            f"{shell} * {admin} @tag:{INFRA_TAG} allow"
-            for shell in ("qubes.VMShell", "qubes.VMRootShell")
+            f"qubes.VMShell * {admin} @tag:{INFRA_TAG} allow",
+            f"qubes.VMRootShell * {admin} @tag:{INFRA_TAG} allow user=root",
         ]
     for service in INFRA_SERVICES:
         rules += [f"{service} * @anyvm @anyvm deny", f"{service} * @anyvm @adminvm deny"]

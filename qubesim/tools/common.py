@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from qubesim import dom0
+from qubesim import dom0, release
 from qubesim.errors import QubesimError, UsageError
 from qubesim.layout import Layout, current
 from qubesim.model import Database, State
@@ -26,6 +27,9 @@ class Context:
 
     def state(self) -> State:
         return self.database.read(self.runtime.is_running)
+
+    def release(self) -> str:
+        return self.state().release
 
     def transaction(self) -> AbstractContextManager[State]:
         """A change of the database, under qubesd's rules (which depend on what runs)."""
@@ -62,9 +66,46 @@ def run(
     return 1
 
 
-def print_error(message: str) -> None:
-    """qubesadmin's parser.print_error: a line on stderr, after "Error:"."""
-    print("Error:", message, file=sys.stderr, flush=True)
+def host_release() -> str:
+    """The release of the host, for a tool whose options depend on it; the current release when
+    the host cannot be read (the tool then refuses as it always does: no host, or not root)."""
+    try:
+        return Database(current()).read().release
+    except (QubesimError, OSError):
+        return release.CURRENT
+
+
+# What makes a qube name a pattern (qubesadmin/tools/__init__.py, VmNameAction.parse_qubes_app).
+WILDCARDS = "*?[!]"
+
+
+def qube_names(state: State, words: list[str]) -> list[str]:
+    """The qubes that the VMNAME words of a tool for several qubes name, as qubesadmin's
+    VmNameAction reads them. From 4.3 a word with a wildcard is a pattern matched against every
+    qube's name (dom0 included) and each qube comes once; 4.2 takes every word as a name, as
+    often as it is given. A name that is no qube is an error (exit code 2)."""
+    if not release.since(state.release, "4.3"):
+        names = list(words)
+    else:
+        names = []
+        for word in words:
+            if any(wildcard in word for wildcard in WILDCARDS):
+                names += [
+                    name
+                    for name in state.names()
+                    if name not in names and fnmatch.fnmatchcase(name, word)
+                ]
+            elif word not in names:
+                names.append(word)
+    for name in names:
+        state.qube(name)
+    return names
+
+
+def print_error(message: str, qubes_release: str) -> None:
+    """qubesadmin's parser.print_error: a line on stderr, after "Error:" from 4.3."""
+    prefix = ["Error:"] if release.since(qubes_release, "4.3") else []
+    print(*prefix, message, file=sys.stderr, flush=True)
 
 
 def log(logger: str, message: str) -> None:

@@ -66,9 +66,10 @@ def _create(context: Context, arguments: argparse.Namespace, klass: str, label: 
         if source is not None and state.qube(source)["klass"] != "TemplateVM":
             raise QubesimError(f"{source} is not a template")
         state.add_qube(name, klass, label, template_name)["tags"].append("created-by-dom0")
+        release = state.release
     if klass in OWN_ROOT:
         # Qubes copies the template's root into a StandaloneVM made from one.
-        template.prepare(context.layout, name, copy_of=source)
+        template.prepare(context.layout, name, release, copy_of=source)
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:

@@ -6,14 +6,11 @@ import argparse
 
 from qubesim.errors import QubesimError
 from qubesim.model import ADMIN_VM
-from qubesim.tools.common import Context, parser, run
+from qubesim.tools.common import Context, parser, qube_names, run
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> None:
-    state = context.state()
-    for name in arguments.VMNAME:
-        state.qube(name)
-    for name in arguments.VMNAME:
+    for name in qube_names(context.state(), arguments.VMNAME):
         if name == ADMIN_VM:
             raise QubesimError("dom0 cannot be killed")
         context.runtime.kill(name)

@@ -6,6 +6,7 @@ import argparse
 
 from qubesim.errors import UsageError
 from qubesim.model import PROPERTIES
+from qubesim.release import since
 from qubesim.tools.common import Context, parser, run
 
 
@@ -23,9 +24,10 @@ def _list(context: Context, name: str, hide_default: bool) -> None:
 
 
 def _get(context: Context, name: str, prop: str, hide_default: bool) -> None:
-    """One value; nothing at all for None (an empty reference), as upstream."""
+    """One value; nothing at all for None (an empty reference), as upstream. From 4.3
+    --hide-default also hides a default value asked for by name (4.2 lists only without it)."""
     state = context.state()
-    if hide_default and state.is_default(name, prop):
+    if hide_default and since(state.release, "4.3") and state.is_default(name, prop):
         return
     value = state.get_property(name, prop)
     if value is not None:

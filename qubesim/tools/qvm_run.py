@@ -24,8 +24,9 @@ import threading
 from collections.abc import Callable
 
 from qubesim.errors import QubesimError, UsageError
-from qubesim.model import ADMIN_VM
+from qubesim.model import ADMIN_VM, State
 from qubesim.qrexec import InvalidRequest, Qrexec
+from qubesim.release import since
 from qubesim.tools.common import Context, parser, run
 
 CHUNK = 1 << 16
@@ -187,6 +188,30 @@ def _colours(arguments: argparse.Namespace) -> tuple[str | None, str | None]:
     return output, error
 
 
+def _feature_with_template(state: State, name: str, feature: str) -> str | None:
+    """A feature of the qube, or else of its template (qubes/features.py check_with_template)."""
+    qube: str | None = name
+    while qube is not None:
+        features = state.qube(qube)["features"]
+        if feature in features:
+            return str(features[feature])
+        has_template = state.has_property(qube, "template")
+        qube = state.get_property(qube, "template") if has_template else None
+    return None
+
+
+def _root_shell(state: State, name: str, arguments: argparse.Namespace) -> bool:
+    """From 4.3 a command for root goes to qubes.VMRootShell (whose rpc-config forces root) when
+    the qube's template says it has qubes.VMRootExec, which came with that rpc-config (qvm_run.py,
+    run_command_single); else, and on 4.2, to qubes.VMShell as root."""
+    return (
+        arguments.user == "root"
+        and not (arguments.cmd_args or arguments.no_shell)
+        and since(state.release, "4.3")
+        and bool(_feature_with_template(state, name, "supported-rpc.qubes.VMRootExec"))
+    )
+
+
 def _body(context: Context, arguments: argparse.Namespace) -> int:
     name = arguments.VMNAME
     state = context.state()
@@ -203,13 +228,16 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
         if verbosity > 0:
             _say(f"Qube '{name}' not started", error_colour)
         return 1
+    user = arguments.user
     if arguments.service:
         service, prefix = arguments.cmd, None
     else:
         service, prefix = "qubes.VMShell", shell_input(_command_line(arguments))
+        if _root_shell(state, name, arguments):
+            service, user = "qubes.VMRootShell", None
     qrexec = Qrexec(context.layout)
     try:
-        argv = qrexec.call_from_dom0(name, arguments.user, service)
+        argv = qrexec.call_from_dom0(name, user, service)
     except InvalidRequest as error:
         raise UsageError(str(error)) from None
     if verbosity > 0:

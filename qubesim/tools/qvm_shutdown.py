@@ -13,8 +13,9 @@ import sys
 
 from qubesim.errors import QubesimError, UsageError
 from qubesim.model import ADMIN_VM
+from qubesim.release import since
 from qubesim.runtime import QubeInUse, ShutdownTimeout
-from qubesim.tools.common import Context, parser, print_error, run
+from qubesim.tools.common import Context, parser, print_error, qube_names, run
 
 DEPRECATED_TIMEOUT = "FutureWarning: Call to deprecated --timeout option, use --wait instead"
 
@@ -28,9 +29,7 @@ def _targets(context: Context, arguments: argparse.Namespace) -> list[str]:
         raise UsageError("--exclude can only be used with --all")
     if not arguments.VMNAME:
         raise UsageError("one of the arguments --all VMNAME is required")
-    for name in arguments.VMNAME:
-        state.qube(name)
-    return [name for name in arguments.VMNAME if name != ADMIN_VM]
+    return [name for name in qube_names(state, arguments.VMNAME) if name != ADMIN_VM]
 
 
 Failures = dict[str, QubesimError]
@@ -60,11 +59,15 @@ def _of_kind(failed: Failures, kind: type[QubesimError]) -> list[str]:
     return [name for name, error in failed.items() if isinstance(error, kind)]
 
 
-def _shutdown(context: Context, names: list[str], force: bool, wait: bool) -> Failures:
+def _shutdown(
+    context: Context, names: list[str], force: bool, wait: bool, qubes_release: str
+) -> Failures:
     failed = _attempt(context, names, force, wait)
     in_use = _of_kind(failed, QubeInUse)
     for _ in range(len(in_use)):
-        print_error(f"Retrying shutdown of qubes that were in use: {', '.join(in_use)}")
+        print_error(
+            f"Retrying shutdown of qubes that were in use: {', '.join(in_use)}", qubes_release
+        )
         retried = _attempt(context, in_use, force, wait)
         for name in in_use:
             failed.pop(name)
@@ -75,7 +78,7 @@ def _shutdown(context: Context, names: list[str], force: bool, wait: bool) -> Fa
             break
     timed_out = _of_kind(failed, ShutdownTimeout)
     if timed_out:
-        print_error(f"Killing timed out qubes: {', '.join(timed_out)}")
+        print_error(f"Killing timed out qubes: {', '.join(timed_out)}", qubes_release)
         for name in timed_out:
             context.runtime.kill(name)
             failed.pop(name)
@@ -89,10 +92,13 @@ def _body(context: Context, arguments: argparse.Namespace) -> int:
     if arguments.timeout is not None:
         print(DEPRECATED_TIMEOUT, file=sys.stderr)
         arguments.wait = True
-    force = arguments.force or (arguments.all and not arguments.exclude)
-    failed = _shutdown(context, names, force, arguments.wait)
+    qubes_release = context.release()
+    # --all forces the shutdown of netvms in use; from 4.3 only when no qube is excluded from it
+    excluding = bool(arguments.exclude) and since(qubes_release, "4.3")
+    force = arguments.force or (arguments.all and not excluding)
+    failed = _shutdown(context, names, force, arguments.wait, qubes_release)
     for name, error in failed.items():
-        print_error(f"Failed to shut down: {name}: {error}")
+        print_error(f"Failed to shut down: {name}: {error}", qubes_release)
     return len(failed)
 
 

@@ -1,32 +1,29 @@
-"""qvm-start: start qubes, their netvms first (qubesadmin/tools/qvm_start.py)."""
+"""qvm-start: start qubes, their netvms first (qubesadmin/tools/qvm_start.py, main, as on the
+release4.2 and release4.3 branches): qubes start in the order given; a running one stops the tool
+(exit code 1) unless --skip-if-running; a qube that fails to start is reported and the others are
+still started (exit code 1)."""
 
 from __future__ import annotations
 
 import argparse
 
 from qubesim.errors import QubesimError
-from qubesim.tools.common import Context, parser, print_error, run
-
-
-def _start(context: Context, name: str, skip_if_running: bool) -> None:
-    """qubesadmin/utils start_expert: a running qube is an error unless skipped."""
-    if context.runtime.is_running(name):
-        if skip_if_running:
-            return
-        raise QubesimError("Domain is already running")
-    context.runtime.start(name)
+from qubesim.tools.common import Context, parser, print_error, qube_names, run
 
 
 def _body(context: Context, arguments: argparse.Namespace) -> int:
     state = context.state()
-    for name in arguments.VMNAME:
-        state.qube(name)
     failed = 0
-    for name in arguments.VMNAME:
+    for name in qube_names(state, arguments.VMNAME):
+        if context.runtime.is_running(name):
+            if arguments.skip_if_running:
+                continue
+            print_error(f"domain {name} is already running", state.release)
+            return 1
         try:
-            _start(context, name, arguments.skip_if_running)
+            context.runtime.start(name)
         except QubesimError as error:
-            print_error(f"Starting qube failed: {name}: {error}")
+            print_error(str(error), state.release)
             failed = 1
     return failed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -38,6 +39,19 @@ def run_tool(
             f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+@functools.cache
+def host_info() -> dict[str, str]:
+    """What `qubesim info` says of the simulated host the tests run on (`key: value` lines)."""
+    lines = run_tool("qubesim", "info").stdout.splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def host_release() -> str:
+    """The Qubes release of the host: tests whose behaviour differs by release assert that of
+    the host they run on."""
+    return host_info()["release"]
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import Qvm
+from tests.integration.conftest import Qvm, host_release
 
 # property -> a value to set, and how qvm-prefs prints it back
 PROPERTY_VALUES = {
@@ -111,7 +111,9 @@ def test_qvm_create_errors(qvm: Qvm, appvm: str, new_name: Callable[[], str]) ->
 def test_qvm_remove_asks_then_removes_a_halted_qube(qvm: Qvm, appvm: str) -> None:
     cancelled = qvm("qvm-remove", appvm, input="n\n", check=False)
     assert cancelled.returncode == 1
-    assert "Remove cancelled." in cancelled.stderr
+    # on stderr from 4.3, on stdout before (test_releases.py names upstream's source)
+    said = cancelled.stderr if host_release() == "4.3" else cancelled.stdout
+    assert "Remove cancelled." in said
     qvm("qvm-remove", appvm, input="y\n")
     assert qvm("qvm-check", "--quiet", appvm, check=False).returncode == 1
 

@@ -233,6 +233,9 @@ def test_a_limited_policy_changes_only_its_environments_sections() -> None:
     assert "qubesbuilder.TriggerBuild * sys-other build-kernel allow" in rules
     # the admin qubes' lines are shared: kept as installed though not given again
     assert "qubes.VMShell * mgmt @tag:qubes-infra-build allow" in rules
+    # Qubes 4.2's agent has no rpc-config forcing root for qubes.VMRootShell (core-agent-linux
+    # qubes-rpc/qubes.VMRootShell.config comes with 4.3): the rule asks for root itself
+    assert "qubes.VMRootShell * mgmt @tag:qubes-infra-build allow user=root" in rules
     assert rules[-1] == "* * @anyvm @tag:qubes-infra-build deny"
     # the same description again changes nothing
     assert limited_policy_rules(changed, {"kernel"}, _policy_file(rules)) == rules
