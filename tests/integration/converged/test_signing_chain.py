@@ -44,9 +44,10 @@ def test_a_log_opens_the_signing_window_of_its_own_keys_qube_only(chain: Chain) 
     assert refused.returncode != 0 and "BEGIN PGP SIGNATURE" not in refused.stdout
     # Refused at once, in the keys qube: nobody is asked (split-GPG's own service would ask).
     assert questions("keys-fedora") == []
-    assert "refused a signing request from 'build-fedora'" in as_root(
-        "keys-fedora", "journalctl -t qubes.Gpg --no-pager -o cat"
-    ).stdout
+    assert (
+        "refused a signing request from 'build-fedora'"
+        in as_root("keys-fedora", "journalctl -t qubes.Gpg --no-pager -o cat").stdout
+    )
 
     sent = send_log("build-fedora", "compiling foo\nlinking foo\n")
     assert sent.returncode == 0, sent.stderr

@@ -38,6 +38,15 @@ def _write_unit(qvm: Qvm, qube: str, name: str, text: str, directory: str = UNIT
     qvm("qvm-run", "--pass-io", "--user", "root", qube, command, input=text)
 
 
+def _restart_with_rc_local(qvm: Qvm, qube: str, script: str) -> None:
+    """Give the qube an rc.local, restart it and wait until qubes-misc-post has run it."""
+    qvm("qvm-run", "--pass-io", "-u", "root", qube, "cat > /rw/config/rc.local", input=script)
+    _sh(qvm, qube, "chmod +x /rw/config/rc.local")
+    qvm("qvm-shutdown", "--wait", qube)
+    qvm("qvm-start", qube)
+    _wait_for(qvm, qube, "systemctl is-active qubes-misc-post.service")
+
+
 def test_systemd_is_init_and_the_qube_boots_with_no_failed_unit(qvm: Qvm, appvm: str) -> None:
     qvm("qvm-start", appvm)
     assert _sh(qvm, appvm, "cat /proc/1/comm") == "systemd\n"
@@ -65,11 +74,7 @@ def test_qvm_service_flags_are_set_before_units_start(qvm: Qvm, appvm: str) -> N
     )
     _write_unit(qvm, appvm, "qubesim-flag.service", unit)
     rc_local = "#!/bin/sh\nsystemctl start qubesim-flag.service\n"
-    qvm("qvm-run", "--pass-io", "-u", "root", appvm, "cat > /rw/config/rc.local", input=rc_local)
-    _sh(qvm, appvm, "chmod +x /rw/config/rc.local")
-    qvm("qvm-shutdown", "--wait", appvm)
-    qvm("qvm-start", appvm)
-    _wait_for(qvm, appvm, "systemctl is-active qubes-misc-post.service")
+    _restart_with_rc_local(qvm, appvm, rc_local)
     assert _sh(qvm, appvm, "systemctl is-active qubesim-flag.service", check=False) != "active\n"
     qvm("qvm-shutdown", "--wait", appvm)
     qvm("qvm-service", "--enable", appvm, "qubesim-flag")
@@ -79,11 +84,7 @@ def test_qvm_service_flags_are_set_before_units_start(qvm: Qvm, appvm: str) -> N
 
 def test_rc_local_runs_after_networking_as_qubes_misc_post(qvm: Qvm, appvm: str) -> None:
     rc_local = "#!/bin/sh\ngrep name=systemd /proc/self/cgroup > /rw/rc-local-ran-in\n"
-    qvm("qvm-run", "--pass-io", "-u", "root", appvm, "cat > /rw/config/rc.local", input=rc_local)
-    _sh(qvm, appvm, "chmod +x /rw/config/rc.local")
-    qvm("qvm-shutdown", "--wait", appvm)
-    qvm("qvm-start", appvm)
-    _wait_for(qvm, appvm, "systemctl is-active qubes-misc-post.service")
+    _restart_with_rc_local(qvm, appvm, rc_local)
     after = _sh(qvm, appvm, "systemctl show -p After --value qubes-misc-post.service")
     assert {"network-pre.target", "qubes-network.service"} <= set(after.split())
     assert _sh(qvm, appvm, "cat /rw/rc-local-ran-in").endswith("/qubes-misc-post.service\n")
