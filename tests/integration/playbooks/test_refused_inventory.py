@@ -84,7 +84,11 @@ def _write_inventory(directory: Path, change: Callable[[Variables], None]) -> Pa
 def _host_state() -> tuple[str, dict[str, str]]:
     """What a run could have changed: the qubes and dom0's policy files."""
     qubes = run_tool("qvm-ls", "--raw-list").stdout
-    policy = {path.name: path.read_text() for path in Path("/etc/qubes/policy.d").iterdir()}
+    policy = {
+        str(path): path.read_text()
+        for path in Path("/etc/qubes/policy.d").rglob("*")
+        if path.is_file()
+    }
     return qubes, policy
 
 
