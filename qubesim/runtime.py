@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ START_TIMEOUT_SECONDS = 60
 # What of a qube outlives a shutdown, as qubesdb's /qubes-vm-persistence tells the qube.
 _PERSISTENCE = {"TemplateVM": "full", "StandaloneVM": "full", "AppVM": "rw-only", "DispVM": "none"}
 QREXEC_EXEC = "/usr/lib/qubes/qubesim-exec"
+ENTER = str(Path(__file__).with_name("enter.py"))  # how a call's process gets into a qube
 
 
 def qubesdb_vm_type(state: State, name: str) -> str:
@@ -245,17 +247,12 @@ class Runtime:
         """The command that runs a qrexec service call in a running qube, as `user`."""
         dropped = dropped_capabilities(self.database.read().network_isolated(name))
         return [
-            "nsenter",
-            f"--target={running.pid}",
-            "--mount",
-            "--uts",
-            "--ipc",
-            "--net",
-            "--pid",
-            "--root",
-            "--wd",
-            "--",
-            "setpriv",
+            sys.executable,
+            "-S",
+            "-I",
+            ENTER,
+            str(running.pid),
+            "/usr/bin/setpriv",
             "--bounding-set=" + ",".join(f"-{cap}" for cap in dropped),
             "--",
             QREXEC_EXEC,

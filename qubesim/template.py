@@ -72,6 +72,9 @@ GUEST_UNITS = {
 }
 UNIT_DIRECTORY = "usr/lib/systemd/system"
 ENABLED_UNITS = "etc/systemd/system"
+# The user's instance: qubesim's marker that it has started (see guest/), for qrexec calls.
+GUEST_USER_UNITS = {"qubesim-user-started.service": "default.target"}
+USER_UNIT_DIRECTORY = "usr/lib/systemd/user"
 # The host's own enabled units are its services (sshd, a database, nginx...): a Qubes template
 # runs none of them, and in qubesim every qube with a netvm shares the host's loopback, where two
 # qubes' copies would fight for one port. The template keeps the host's timers only, less those
@@ -316,10 +319,14 @@ def install_guest_files(root: Path, release: str, minimal: bool = False) -> None
 def _install_units(root: Path) -> None:
     """Qubes' units, enabled as a package's install enables them, and `user`'s lingering."""
     guest = resources.files("qubesim") / "guest"
-    for unit, wanted_by in GUEST_UNITS.items():
-        _write_file(root / UNIT_DIRECTORY / unit, (guest / unit).read_bytes(), 0o644)
-        if wanted_by is not None:
-            _link(root / ENABLED_UNITS / f"{wanted_by}.wants" / unit, f"/{UNIT_DIRECTORY}/{unit}")
+    for directory, units in (
+        (UNIT_DIRECTORY, GUEST_UNITS),
+        (USER_UNIT_DIRECTORY, GUEST_USER_UNITS),
+    ):
+        for unit, wanted_by in units.items():
+            _write_file(root / directory / unit, (guest / unit).read_bytes(), 0o644)
+            if wanted_by is not None:
+                _link(root / directory / f"{wanted_by}.wants" / unit, f"/{directory}/{unit}")
     linger = root / LINGER
     linger.parent.mkdir(parents=True, exist_ok=True)
     linger.touch()
