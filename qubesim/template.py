@@ -75,6 +75,7 @@ ENABLED_UNITS = "etc/systemd/system"
 # The user's instance: qubesim's marker that it has started (see guest/), for qrexec calls.
 GUEST_USER_UNITS = {"qubesim-user-started.service": "default.target"}
 USER_UNIT_DIRECTORY = "usr/lib/systemd/user"
+ENABLED_USER_UNITS = "etc/systemd/user"
 # The host's own enabled units are its services (sshd, a database, nginx...): a Qubes template
 # runs none of them, and in qubesim every qube with a netvm shares the host's loopback, where two
 # qubes' copies would fight for one port. The template keeps the host's timers only, less those
@@ -319,14 +320,15 @@ def install_guest_files(root: Path, release: str, minimal: bool = False) -> None
 def _install_units(root: Path) -> None:
     """Qubes' units, enabled as a package's install enables them, and `user`'s lingering."""
     guest = resources.files("qubesim") / "guest"
-    for directory, units in (
-        (UNIT_DIRECTORY, GUEST_UNITS),
-        (USER_UNIT_DIRECTORY, GUEST_USER_UNITS),
-    ):
+    kinds = (
+        (GUEST_UNITS, UNIT_DIRECTORY, ENABLED_UNITS),
+        (GUEST_USER_UNITS, USER_UNIT_DIRECTORY, ENABLED_USER_UNITS),
+    )
+    for units, directory, enabled in kinds:
         for unit, wanted_by in units.items():
             _write_file(root / directory / unit, (guest / unit).read_bytes(), 0o644)
             if wanted_by is not None:
-                _link(root / directory / f"{wanted_by}.wants" / unit, f"/{directory}/{unit}")
+                _link(root / enabled / f"{wanted_by}.wants" / unit, f"/{directory}/{unit}")
     linger = root / LINGER
     linger.parent.mkdir(parents=True, exist_ok=True)
     linger.touch()
