@@ -111,6 +111,16 @@ def test_the_templates_role_runs_on_a_minimal_template(tmp_path: Path) -> None:
             "build_infra_keys_template: debian-12", "build_infra_keys_template: debian-12-minimal"
         )
     )
-    result = site("--tags", "templates", inventory=str(inventory / "build_infra.yml"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "debian-12-minimal" in result.stdout
+    # A package to install: root is needed only then (a converged template asks nothing).
+    extra = json.dumps({"templates_extra_packages": [NEW_PACKAGE]})
+    try:
+        result = site(
+            "--tags", "templates", "--limit", "debian-12-minimal", "-e", extra,
+            inventory=str(inventory / "build_infra.yml"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        status = as_root("debian-12-minimal", f"dpkg-query -W -f='${{Status}}' {NEW_PACKAGE}")
+        assert status.stdout == "install ok installed"
+    finally:
+        as_root("debian-12-minimal", f"dpkg --purge {NEW_PACKAGE}", check=False)
+        run_tool("qvm-shutdown", "--wait", "debian-12-minimal", check=False)

@@ -280,6 +280,14 @@ def test_a_restart_of_the_net_qube_loses_no_accepted_event(hooks: Hooks) -> None
         # Killed as by a crash: the slow build services keep most events in the spool.
         run_tool("qvm-kill", NET)
         run_tool("qvm-start", NET)
+        # qvm-start returns once the qube's qrexec agent is up, as on Qubes: rc.local, which
+        # starts the webhooks services, may still be running.
+        assert wait_for(
+            lambda: (
+                as_root(NET, "systemctl is-active qubes-misc-post.service", check=False).returncode
+                == 0
+            )
+        )
     finally:
         for qube in BUILD_QUBES:
             as_root(qube, f"rm -f {SLOW}")
