@@ -40,7 +40,9 @@ def _wait_for_agent(spec: guest_init.BootSpec, pid: int) -> str:
     started = Path(f"/proc/{pid}/root", guest_init.AGENT_STARTED)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        if started.exists():
+        # Without following links: an absolute link in the qube's root would be resolved in
+        # dom0's, and tell the qube whether a dom0 path exists.
+        if os.path.lexists(started):
             return daemon.READY
         if linux.process_start_time(pid) is None or _is_zombie(pid):
             return f"cannot start {spec.name}: its init ended while booting"
