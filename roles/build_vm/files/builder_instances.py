@@ -20,12 +20,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 CONFIG = "/usr/local/etc/qubes-infra-build/build-services.json"
 DEFAULTS: dict[str, Any] = {
+    "build_log_command": "",
     "builder_version": 1,
     "builders_list": "~/.config/qubes-builder-github/builders.list",
     "logs_directory": "~/builder-github-logs",
@@ -193,6 +194,22 @@ def find_component(builder: Builder, version: int, wanted: str, timeout: float) 
     )
 
 
+def action_environment(config: dict[str, Any]) -> dict[str, str]:
+    """What every action runs with besides the service's own environment.
+
+    QUBES_BUILD_LOG_CMD, the command build output streams to: qubes-builder's scripts/make-with-log
+    reads it from its environment only (a make variable of that name in a configuration file is
+    never seen: make-with-log decides before make runs), so it is exported here, to the scripts
+    and make-with-log calls of every action, as builder-github's lib/github-command-upload and
+    lib/github-command-build-template export it before theirs. qubes-builder's
+    scripts/auto-build-functions.sh (sourced by auto-build and auto-build-template) sets its own,
+    the same command with the log's name kept; qubes-builderv2 does not read it. Empty: unset,
+    and make-with-log runs make without a log, as upstream's does.
+    """
+    command = str(config.get("build_log_command") or "")
+    return {"QUBES_BUILD_LOG_CMD": command} if command else {}
+
+
 def ignore_input() -> None:
     """stdin from /dev/null: nothing more is read from the caller."""
     null = os.open(os.devnull, os.O_RDONLY)
@@ -208,10 +225,16 @@ class Step:
     environment: tuple[tuple[str, str], ...] = ()
 
 
-def start_detached(builder: Builder, steps: Sequence[Step], log_path: str) -> int:
+def start_detached(
+    builder: Builder,
+    steps: Sequence[Step],
+    log_path: str,
+    environment: Mapping[str, str] | None = None,
+) -> int:
     """Run steps one after the other (stopping at the first failure) in a new session, under
     the builder's lock (flock(2) on DIR/builder.lock, as qubes-builder-github's `flock -x`:
-    one action at a time per builder, the others wait their turn), output to log_path.
+    one action at a time per builder, the others wait their turn), output to log_path, with
+    `environment` (action_environment) added to the service's own.
     Returns the child's pid at once; the qrexec call does not wait for the build."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -221,7 +244,7 @@ def start_detached(builder: Builder, steps: Sequence[Step], log_path: str) -> in
     try:  # the child: it must never return into the caller's code
         os.setsid()
         _detach_streams(log_path)
-        os._exit(_run_locked(builder, steps))
+        os._exit(_run_locked(builder, steps, environment or {}))
     except BaseException:
         os._exit(127)
 
@@ -239,7 +262,7 @@ def _say(text: str) -> None:
     os.write(1, f"{stamp} {text}\n".encode("ascii", "replace"))
 
 
-def _run_locked(builder: Builder, steps: Sequence[Step]) -> int:
+def _run_locked(builder: Builder, steps: Sequence[Step], environment: Mapping[str, str]) -> int:
     with open(builder.lock, "a") as lock:
         _say(f"waiting for {builder.lock}")
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -249,7 +272,7 @@ def _run_locked(builder: Builder, steps: Sequence[Step]) -> int:
             code = subprocess.run(
                 step.argv,
                 cwd=builder.directory,
-                env={**os.environ, **dict(step.environment)},
+                env={**os.environ, **environment, **dict(step.environment)},
                 stdin=subprocess.DEVNULL,
                 check=False,
             ).returncode

@@ -28,6 +28,7 @@ from typing import Any
 from builder_actions import NotForThisBuilder, command_steps
 from builder_instances import (
     ServiceLog,
+    action_environment,
     caller,
     ignore_input,
     load_config,
@@ -165,7 +166,7 @@ def run(
             log.line(f"{command.kind}: not in this builder: {error}")
             continue
         output = log.action_log(name, builder.release)
-        pid = start_detached(builder, steps, output)
+        pid = start_detached(builder, steps, output, action_environment(config))
         log.line(f"{command.kind} started in {builder.directory} (process {pid}, log {output})")
         started += 1
     return started

@@ -19,6 +19,7 @@ from builder_actions import build_steps
 from builder_instances import (
     COMPONENT,
     ServiceLog,
+    action_environment,
     caller,
     find_component,
     ignore_input,
@@ -62,7 +63,8 @@ def main(argv: list[str]) -> int:
         if component is None:
             continue
         output = log.action_log(component, builder.release)
-        pid = start_detached(builder, build_steps(builder, version, component), output)
+        steps = build_steps(builder, version, component)
+        pid = start_detached(builder, steps, output, action_environment(config))
         log.line(
             f"from {source}: build of {component} started in {builder.directory}"
             f" (release {builder.release}, process {pid}, log {output})"

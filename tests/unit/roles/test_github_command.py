@@ -6,6 +6,7 @@ make-with-log and auto-build-template record what they were asked)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from tests.unit.roles.test_trigger_build import (
     FILES,
+    LOG_COMMAND_BUILD,
     QB,
     Qube,
     built,
@@ -197,6 +199,51 @@ def test_all_distributions_are_the_signers_own(setup: Setup) -> None:
     assert setup.send(setup.keys.sign(upload(setup, "all"))).returncode == 0
     setup.wait_done(1)
     assert "DISTS_VM=bookworm DIST_DOM0=fc37" in setup.records()[0]
+
+
+def test_an_upload_streams_its_output_to_the_build_log_command(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """The build log command reaches make-with-log in its environment (the world's stand-in reads
+    it there, as qubes-builder's does): both passes of the upload stream to it, and to the
+    action's own log."""
+    received = tmp_path / "received"
+    setup.qube.settings(build_log_command=f"cat >> {received}")
+    assert setup.send(setup.keys.sign(upload(setup))).returncode == 0
+    wait_for(lambda: len(setup.qube.action_logs()) == 1, "the upload's log")
+    [output] = setup.qube.action_logs()
+    # The action's own last line: make-with-log's "> done" lines come before it.
+    ended = re.compile(r"^[0-9-]{10} [0-9:]{8} done$", re.MULTILINE)
+    wait_for(lambda: ended.search(output.read_text()), "the end of the upload")
+    variables = "COMPONENTS=core-admin DISTS_VM=bookworm DIST_DOM0="
+    requests = [
+        f"update-repo-current {variables} MAKEREPO=1 UPLOAD=0",
+        f"update-repo-current {variables} MAKEREPO=0 UPLOAD=1",
+    ]
+    assert setup.records() == requests
+    logged = received.read_text().splitlines()
+    assert logged == [
+        line
+        for request in requests
+        for line in (
+            "> starting build with log",
+            ">> make args: update-repo-current",
+            "> running make",
+            request,
+            "> done",
+        )
+    ]
+    assert all(request in output.read_text() for request in requests)
+
+
+def test_a_template_build_runs_with_the_build_log_command(setup: Setup) -> None:
+    (setup.builder / "scripts/auto-build-template").write_text(LOG_COMMAND_BUILD)
+    setup.qube.settings(build_log_command="qrexec-client-vm dom0 qubesbuilder.BuildLog")
+    message = setup.keys.sign(f"Build-template r4.2 fedora-41-xfce {template_stamp()}")
+    assert setup.send(message).returncode == 0
+    setup.wait_done(1)
+    seen = (setup.builder / "log-command").read_text()
+    assert seen == "qrexec-client-vm dom0 qubesbuilder.BuildLog\n"
 
 
 def test_an_upload_of_another_commit_runs_nothing(setup: Setup) -> None:

@@ -279,3 +279,30 @@ def test_builders_list_2_builds_with_qb(tmp_path: Path, qube: Qube) -> None:
     qube.builders(f"r4.3={builder}")  # a format 1 line in a format 2 list is not a builder
     assert qube.call(TRIGGER, "core-admin").returncode == 0
     assert qube.decisions()[-1].endswith("no builder knows core-admin: nothing to build")
+
+
+# A build that writes down the build log command it was started with.
+LOG_COMMAND_BUILD = """#!/bin/sh
+here=$(cd "$(dirname "$0")/.." && pwd)
+printf '%s\\n' "${QUBES_BUILD_LOG_CMD-unset}" > "$here/log-command"
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "seen"),
+    [("qrexec-client-vm dom0 qubesbuilder.BuildLog", "qrexec-client-vm dom0 qubesbuilder.BuildLog"),
+     ("", "unset")],
+)  # fmt: skip
+def test_the_build_runs_with_the_build_log_command(
+    tmp_path: Path, qube: Qube, setting: str, seen: str
+) -> None:
+    """QUBES_BUILD_LOG_CMD is in the environment of the build's script, as builder-github
+    exports it (qubes-builder's make-with-log reads it there only); empty: not set at all."""
+    builder = make_builder(tmp_path / "builder", "COMPONENTS = core-admin\n")
+    (builder / "scripts/auto-build").write_text(LOG_COMMAND_BUILD)
+    qube.builders(f"r4.2={builder}")
+    qube.settings(build_log_command=setting)
+    assert qube.call(TRIGGER, "core-admin").returncode == 0
+    written = builder / "log-command"
+    wait_for(written.exists, "the build")
+    wait_for(lambda: written.read_text() == f"{seen}\n", "the whole line")
