@@ -16,6 +16,9 @@ description:
     stream in constant memory with an atomic rename into place.
   - With O(persist), one stream per qube and user stays open between tasks (like ssh's
     ControlPersist) behind a local socket that only the controller's user can reach.
+  - With the P(qubes_infra.build.qubes#become) become method, a task with C(become) runs over a
+    stream opened as the become user (C(qubes.VMRootShell) for root), with no sudo in the qube, as
+    Qubes' minimal templates need. Any other become method (sudo, su) runs in the qube as usual.
   - A missing, halted (with O(autostart=false)) or refused qube, or a broken stream, is reported
     as unreachable; a command's own failure is the command's. A handshake tells them apart.
   - The qube is not trusted. Every wait on it has a deadline, what it sends is capped
@@ -211,6 +214,7 @@ from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
+from ansible_collections.qubes_infra.build.plugins.become import qubes as become_qubes
 from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_channel
 
 display = Display()
@@ -297,9 +301,8 @@ class Connection(ConnectionBase):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._session: qubes_channel.Session | None = None
-        self._stream: qubes_channel.Transport | None = None
-        self._socket: socket.socket | None = None
+        # One stream per user asked for: the connection's own, and the become user's.
+        self._links: dict[str | None, _Link] = {}
 
     def _resolve_option_variables(self, variables: Mapping[str, Any], templar: Any) -> Any:
         """Refuse to connect when facts would choose the connection (see the notes). ansible-core
@@ -326,8 +329,8 @@ class Connection(ConnectionBase):
             return "qrexec-client-vm" if shutil.which("qrexec-client-vm") else "qvm-run"
         return transport
 
-    def _stream_command(self) -> list[str]:
-        qube, user = self._qube(), self.get_option("remote_user")
+    def _stream_command(self, user: str | None) -> list[str]:
+        qube = self._qube()
         service = "qubes.VMRootShell" if user == "root" else "qubes.VMShell"
         if self._transport() == "qrexec-client-vm":
             if user not in (None, "root"):
@@ -358,23 +361,37 @@ class Connection(ConnectionBase):
         return AnsibleConnectionFailure(reason)
 
     def _connect(self) -> Connection:
-        if self._connected:
-            return self
-        command = self._stream_command()
+        if not self._connected:
+            self._link(self.get_option("remote_user"))
+            self._connected = True
+        return self
+
+    def _link(self, user: str | None) -> _Link:
+        """The stream as `user`, opened on first use."""
+        if user in self._links:
+            return self._links[user]
+        command = self._stream_command(user)
         display.vvv(f"QUBES: {' '.join(command)}", host=self._qube())
         if self.get_option("persist"):
-            link = self._socket = self._multiplexer_socket(command)
+            link = self._multiplexer_socket(command)
             reader = qubes_channel.Reader(link.fileno())
-            self._session = qubes_channel.Session(link.sendall, reader, lambda: _shut_down(link))
+            session = qubes_channel.Session(link.sendall, reader, lambda: _shut_down(link))
+            self._links[user] = _Link(session, socket=link)
         else:
             try:
                 stream = qubes_channel.Transport(command, self.get_option("connect_timeout"))
             except qubes_channel.ConnectFailure as failure:
                 raise self._failure(failure) from None
-            self._stream = stream
-            self._session = qubes_channel.Session(stream.send_bytes, stream.reader, stream.kill)
-        self._connected = True
-        return self
+            session = qubes_channel.Session(stream.send_bytes, stream.reader, stream.kill)
+            self._links[user] = _Link(session, stream=stream)
+        return self._links[user]
+
+    def _user(self, sudoable: bool) -> str | None:
+        """Who runs a command: the become user when the task becomes one with this collection's
+        become plugin (the qube is asked for that user; no sudo), else the connection's user."""
+        if sudoable and self.become is not None and self.become.name == become_qubes.NAME:
+            return str(self.become.get_option("become_user") or "root")
+        return self.get_option("remote_user")
 
     def _control_path(self, command: list[str]) -> str:
         digest = hashlib.sha256(json.dumps(command).encode()).hexdigest()[:20]
@@ -456,11 +473,9 @@ class Connection(ConnectionBase):
                 )
             )
 
-    def _require_session(self) -> qubes_channel.Session:
+    def _require_session(self, sudoable: bool = False) -> qubes_channel.Session:
         self._connect()
-        if self._session is None:
-            raise AnsibleConnectionFailure(f"qube {self._qube()!r}: not connected")
-        return self._session
+        return self._link(self._user(sudoable)).session
 
     def _limit(self, option: str) -> int | None:
         """A MiB option as bytes (0: no limit)."""
@@ -483,7 +498,7 @@ class Connection(ConnectionBase):
         display.vvv(f"EXEC {cmd}", host=self._qube())
         timeout = self.get_option("command_timeout") or None
         limit = self._limit("output_limit")
-        session = self._require_session()
+        session = self._require_session(sudoable=sudoable)
         try:
             result = session.run(to_text(cmd), to_bytes(in_data or b""), timeout, limit)
         except TimeoutError:
@@ -567,22 +582,39 @@ class Connection(ConnectionBase):
         return qubes_channel.printable(text or "unknown error", SHOWN)
 
     def reset(self) -> None:
-        """Start afresh: the next task gets a new stream (and a new agent) in the qube."""
+        """Start afresh: the next task gets new streams (and new agents) in the qube."""
         if self.get_option("persist"):
-            with contextlib.suppress(OSError):
-                os.unlink(self._control_path(self._stream_command()))
+            for user in {self.get_option("remote_user"), *self._links}:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._control_path(self._stream_command(user)))
         self.close()
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        self._connected = False
+
+
+class _Link:
+    """A session with what carries it: a multiplexer's socket or a stream of its own."""
+
+    def __init__(
+        self,
+        session: qubes_channel.Session,
+        socket: socket.socket | None = None,
+        stream: qubes_channel.Transport | None = None,
+    ) -> None:
+        self.session = session
+        self._socket = socket
+        self._stream = stream
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
-            self._stream = None
         if self._socket is not None:
             _shut_down(self._socket)
             self._socket.close()
-            self._socket = None
-        self._session = None
-        self._connected = False
 
 
 def _shut_down(link: socket.socket) -> None:

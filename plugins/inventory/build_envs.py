@@ -13,7 +13,8 @@ description:
   - Groups C(build_vms), C(keys_vms), C(logs_vms), C(net_vms), C(templates) and C(env_ENV) (the
     qubes of one environment, its logs qube included, and C(dom0), which makes them and their
     policy, so that C(--limit env_ENV) applies the whole environment).
-    Every host but dom0 uses the C(qubes_infra.build.qubes) connection.
+    Every host but dom0 uses the C(qubes_infra.build.qubes) connection, and becomes root with
+    the C(qubes_infra.build.qubes) become method (qrexec asks the qube for root; no sudo).
   - Host variables C(build_infra_env) (the environment, where there is one) and C(build_infra_qube)
     (kind, class, label, template, netvm, volume_size) carry what the qube should be.
   - Vault-encrypted files in C(group_vars/all) are not read (they hold secrets, not the layout);
@@ -49,7 +50,12 @@ from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs impor
     load,
 )
 
-CONNECTION = "qubes_infra.build.qubes"
+# Every qube is reached over qrexec, and root in it through qrexec too (become), never with sudo:
+# Qubes' minimal templates have no passwordless root.
+QUBE_CONNECTION = {
+    "ansible_connection": "qubes_infra.build.qubes",
+    "ansible_become_method": "qubes_infra.build.qubes",
+}
 FILE_SUFFIXES = ("build_infra.yml", "build_infra.yaml", "build_envs.yml", "build_envs.yaml")
 VAULT_HEADER = b"$ANSIBLE_VAULT"
 
@@ -124,14 +130,11 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 else [env.name for env in infrastructure.envs if env.logs == name]
             )
             groups += [f"env_{env}" for env in envs]
-            variables: dict[str, object] = {
-                "ansible_connection": CONNECTION,
-                "build_infra_qube": qube,
-            }
+            variables: dict[str, object] = {**QUBE_CONNECTION, "build_infra_qube": qube}
             if qube["env"]:
                 variables["build_infra_env"] = qube["env"]
             self._add(name, groups, variables)
-        self._add(infrastructure.netvm, ["net_vms"], {"ansible_connection": CONNECTION})
+        self._add(infrastructure.netvm, ["net_vms"], dict(QUBE_CONNECTION))
         kinds: dict[str, list[str]] = {}
         for kind, template in (
             ("build", infrastructure.build_template),
@@ -145,7 +148,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             self._add(
                 template,
                 ["templates"],
-                {"ansible_connection": CONNECTION, "build_infra_template_kinds": template_kinds},
+                {**QUBE_CONNECTION, "build_infra_template_kinds": template_kinds},
             )
         self._construct()
 

@@ -27,7 +27,12 @@ COLLECTION = "qubes_infra.build"
 PACKAGE = f"ansible_collections.{COLLECTION}"
 ANSIBLE_DOC = Path(sys.executable).with_name("ansible-doc")
 # Plugin types documented by a DOCUMENTATION string in plugins/TYPE_DIR/NAME.py.
-PYTHON_DOCUMENTED = {"module": "modules", "connection": "connection", "inventory": "inventory"}
+PYTHON_DOCUMENTED = {
+    "module": "modules",
+    "connection": "connection",
+    "inventory": "inventory",
+    "become": "become",
+}
 
 
 def python_plugins() -> list[tuple[str, str]]:

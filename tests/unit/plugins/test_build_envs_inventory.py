@@ -57,7 +57,10 @@ def test_example_inventory_hosts_groups_and_vars() -> None:
     assert groups["env_fedora"] == ["build-fedora", "build-logs", "dom0", "keys-fedora"]
     hostvars = data["_meta"]["hostvars"]
     assert hostvars["dom0"]["ansible_connection"] == "local"
-    assert hostvars["keys-kernel"]["ansible_connection"] == "qubes_infra.build.qubes"
+    for qube in ("keys-kernel", "build-logs", "sys-net", "fedora-43-minimal"):
+        assert hostvars[qube]["ansible_connection"] == "qubes_infra.build.qubes"
+        assert hostvars[qube]["ansible_become_method"] == "qubes_infra.build.qubes"
+    assert "ansible_become_method" not in hostvars["dom0"]
     assert hostvars["keys-kernel"]["build_infra_env"] == "kernel"
     assert hostvars["keys-kernel"]["build_infra_qube"] == {
         "kind": "keys",
