@@ -196,6 +196,17 @@ class Runtime:
             template.commit(self.layout, name)
             self._discard_unused(name)
 
+    def root_is_outdated(self, state: State, name: str) -> bool:
+        """A running qube's root is a snapshot of its template older than the template's last
+        commit (qubes-core-admin's Volume.is_outdated for a snap_on_start volume: only a running
+        qube's snapshot can be behind its source)."""
+        owner = root_owner(state, name)
+        record = self._record(name)
+        if owner == name or record is None or self.running(name) is None:
+            return False
+        generation = template.committed_generation(self.layout, owner)
+        return Path(record["root"]).name != f"{owner}@{generation}"
+
     def discard_snapshots(self, name: str) -> None:
         """Remove the template's old snapshots that no running AppVM is based on."""
         with self._lock(f"{name}.snapshots"):

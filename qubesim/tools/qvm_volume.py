@@ -25,9 +25,10 @@ def _volumes(state: State, reference: str) -> tuple[str, str, dict[str, int]]:
     return qube, volume, volumes
 
 
-def _info(state: State, reference: str) -> dict[str, str]:
+def _info(context: Context, state: State, reference: str) -> dict[str, str]:
     qube, volume, volumes = _volumes(state, reference)
     klass = state.qube(qube)["klass"]
+    outdated = volume == "root" and context.runtime.root_is_outdated(state, qube)
     return {
         "pool": "varlibqubes",
         "vid": f"{qube}/{volume}",
@@ -39,6 +40,7 @@ def _info(state: State, reference: str) -> dict[str, str]:
         "snap_on_start": str(volume == "root" and klass != "TemplateVM"),
         "size": str(volumes[volume]),
         "usage": "0",
+        "is_outdated": str(outdated),
     }
 
 
@@ -53,7 +55,7 @@ def _body(context: Context, arguments: argparse.Namespace) -> None:
     if not arguments.target:
         raise UsageError(f"{arguments.action} needs VM:VOLUME")
     if arguments.action == "info":
-        info = _info(context.state(), arguments.target)
+        info = _info(context, context.state(), arguments.target)
         if arguments.argument:
             if arguments.argument not in info:
                 raise UsageError(f"no such volume property: {arguments.argument!r}")

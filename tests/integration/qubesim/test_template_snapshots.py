@@ -5,6 +5,9 @@ Upstream: qubes-core-admin (release4.2, release4.3) qubes/storage/lvm.py and
 qubes/storage/reflink.py: a template's root volume is save_on_stop (committed when the template
 stops), an AppVM's is snap_on_start (a snapshot of the committed volume taken at its start);
 qubes/vm/standalonevm.py with qvm-create --standalone: the root is a copy of the template's.
+Volume.is_outdated (lvm.py, reflink.py): a running AppVM's snapshot older than its template's
+committed root, which `qvm-volume info VM:root is_outdated` prints (qubes-core-admin-client
+qubesadmin/tools/qvm_volume.py, info_volume).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def _appvm(qvm: Qvm, new_name: Callable[[], str], template: str) -> str:
     name = new_name()
     qvm("qvm-create", "--label", "red", "--template", template, "--property", "netvm=", name)
     return name
+
+
+def _outdated(qvm: Qvm, qube: str) -> str:
+    return qvm("qvm-volume", "info", f"{qube}:root", "is_outdated").stdout
 
 
 def _probe_package(place: Path) -> bytes:
@@ -80,12 +87,18 @@ def test_a_package_installed_in_a_running_template_reaches_an_appvm_only_after_b
     qvm("qvm-shutdown", "--wait", app)
     qvm("qvm-start", app)
     assert _sh(qvm, app, installed) != "install ok installed"
-    # The template's shutdown commits its root; the running AppVM still does not see it...
+    assert _outdated(qvm, app) == "False\n"
+    # The template's shutdown commits its root; the running AppVM still does not see it, and
+    # dom0 says its root is outdated...
     qvm("qvm-shutdown", "--wait", template)
     assert _sh(qvm, app, installed) != "install ok installed"
+    assert _outdated(qvm, app) == "True\n"
+    assert _outdated(qvm, template) == "False\n"
     # ...until it restarts: then the package is there, and its unit, enabled by its install, runs.
     qvm("qvm-shutdown", "--wait", app)
+    assert _outdated(qvm, app) == "False\n"
     qvm("qvm-start", app)
+    assert _outdated(qvm, app) == "False\n"
     assert _sh(qvm, app, installed) == "install ok installed"
     assert _sh(qvm, app, f"systemctl is-active {PACKAGE}.service") == "active\n"
 
