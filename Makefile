@@ -24,7 +24,7 @@ COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
 .PHONY: help demo test bootstrap apt template-packages lint sanity unit integration \
-  integration-other-release molecule bench \
+  integration-other-release floor molecule bench \
   clean
 
 help:
@@ -33,6 +33,7 @@ help:
 	@echo "make test   - lint, sanity, unit and integration tests"
 	@echo "make lint | sanity | unit | integration | molecule - one test layer"
 	@echo "make integration-other-release - qubesim's other release (4.2) on the slice that proves it"
+	@echo "make floor  - the oldest supported ansible-core: unit tests, then site.yml and verify.yml"
 	@echo "make molecule SCENARIO=build_vm - one molecule scenario"
 	@echo "make bench  - benchmarks (connection plugin, log path, webhook receiver), printed as tables"
 	@echo "make clean  - remove the virtual environment and the simulated host"
@@ -47,7 +48,7 @@ demo: bootstrap
 	$(QUBESIM) dom0 -- qvm-ls
 	$(QUBESIM) dom0 -- demo/build-and-verify
 
-test: lint sanity unit integration-other-release integration molecule
+test: lint sanity unit integration-other-release floor integration molecule
 
 bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK) template-packages
 
@@ -126,6 +127,29 @@ integration-other-release: bootstrap
 	$(QUBESIM) init --release $(OTHER_RELEASE) && \
 	$(QUBESIM) dom0 -- pytest $(OTHER_RELEASE_SLICE)
 
+# The oldest supported ansible-core (pyproject.toml's `floor`), in a virtual environment of its
+# own: the unit tests, the connection plugin's refusal of planted facts (which that version
+# resolves through another hook), then the whole site and its verification converged from a
+# fresh simulated host; the integration tests that follow run on the host it converged.
+FLOOR_VENV := .venv-floor
+FLOOR_BIN := $(CURDIR)/$(FLOOR_VENV)/bin
+$(FLOOR_VENV)/.installed: pyproject.toml | apt
+	[ -x $(FLOOR_BIN)/python ] || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_BIN)/pip install --quiet --disable-pip-version-check -e '.[floor]'
+	@touch $@
+
+floor: bootstrap $(FLOOR_VENV)/.installed
+	$(FLOOR_BIN)/ansible --version | head -n 1
+	PATH=$(FLOOR_BIN):$$PATH $(FLOOR_BIN)/pytest tests/unit -q
+	$(QUBESIM) init
+	$(QUBESIM) world up
+	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH pytest -q \
+	  tests/integration/plugins/connection/test_hostile_qube.py -k planted
+	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH ansible-playbook \
+	  -i inventory/qubesim/build_infra.yml -e @"$$($(QUBESIM) world variables)" site.yml
+	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH ansible-playbook \
+	  -i inventory/qubesim/build_infra.yml -e @"$$($(QUBESIM) world variables)" playbooks/verify.yml
+
 # Timing lives here, never in tests: ratios measured side by side in one run.
 # The molecule scenarios (extensions/molecule: one per role and `default`, the whole site) on
 # qubesim's example inventory with the world's variables; SCENARIO=NAME runs one of them.
@@ -144,4 +168,4 @@ bench: bootstrap
 
 clean:
 	-[ -x $(QUBESIM) ] && $(QUBESIM) destroy
-	rm -rf $(VENV) .collections tests/output
+	rm -rf $(VENV) $(FLOOR_VENV) .collections tests/output

@@ -305,9 +305,20 @@ class Connection(ConnectionBase):
         self._links: dict[str | None, _Link] = {}
 
     def _resolve_option_variables(self, variables: Mapping[str, Any], templar: Any) -> Any:
-        """Refuse to connect when facts would choose the connection (see the notes). ansible-core
-        resolves the plugin's variables here from all of the task's variables, facts included:
-        the one place where the plugin can tell that a value may have come from the qube."""
+        """Refuse to connect when facts would choose the connection (see the notes). From
+        ansible-core 2.17 on, the plugin's variables are resolved here from all of the task's
+        variables, facts included: the one place where the plugin can tell that a value may have
+        come from the qube."""
+        self._refuse_planted(variables)
+        return super()._resolve_option_variables(variables, templar)
+
+    def update_vars(self, variables: dict[str, Any]) -> None:
+        """ansible-core 2.16 has no _resolve_option_variables: it hands the task's variables
+        here, once the options are set and before anything runs, so the check is made here too."""
+        self._refuse_planted(variables)
+        super().update_vars(variables)
+
+    def _refuse_planted(self, variables: Mapping[str, Any]) -> None:
         names = C.config.get_plugin_vars("connection", self._load_name)
         planted = planted_variables(names, variables)
         if planted:
@@ -317,7 +328,6 @@ class Connection(ConnectionBase):
                 " set; facts come from the qube, so its tasks are refused until its facts are"
                 " cleared (meta task clear_facts)"
             )
-        return super()._resolve_option_variables(variables, templar)
 
     # -- connecting -------------------------------------------------------------------------------
     def _qube(self) -> str:

@@ -94,8 +94,12 @@ def ansible_doc(plugin_type: str, name: str, workdir: Path) -> str:
 
 
 def assert_names(text: str, plugin_type: str, name: str, options: list[str]) -> None:
-    kind = "ROLE:" if plugin_type == "role" else plugin_type.upper()
-    assert text.startswith(f"> {kind} {COLLECTION}.{name} ("), text[:200]
+    # The heading names the plugin (`> ROLE: NAME (PATH)` from ansible-core 2.17 on,
+    # `> NAME    (PATH)` in capitals before).
+    heading = text.splitlines()[0] if text else ""
+    assert heading.startswith("> ") and f"{COLLECTION}.{name} ".lower() in heading.lower(), text[
+        :200
+    ]
     assert options, f"{plugin_type} {name} documents no option"
     # Each option is listed as `- NAME  description` (`= NAME` when required).
     missing = [

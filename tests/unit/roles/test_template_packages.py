@@ -72,9 +72,9 @@ def test_the_library_is_what_the_package_module_requires(manager: str, module: s
     imported = __import__(f"ansible.modules.{module}", fromlist=["DOCUMENTATION"])
     requirements = yaml.safe_load(imported.DOCUMENTATION)["requirements"]
     library = managers()[manager]["library"]
-    assert len(library) == 1 and any(
-        requirement.split()[0] == library[0] for requirement in requirements
-    ), requirements
+    # ansible-core 2.16's dnf module still names Python 2's package (python-dnf).
+    named = {requirement.split()[0].replace("python-", "python3-") for requirement in requirements}
+    assert len(library) == 1 and library[0] in named, requirements
 
 
 def test_every_manager_lists_installs_and_names_its_library() -> None:
