@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible.module_utils.common.validation import check_type_list
 from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
     ConfigError,
     Infrastructure,
@@ -14,6 +15,7 @@ from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs impor
     limited_policy_rules,
     load,
     policy_rules,
+    validate_admin_qubes,
 )
 
 
@@ -22,6 +24,21 @@ def _infrastructure(variables: dict[str, Any]) -> Infrastructure:
         return load(
             {key: value for key, value in variables.items() if key.startswith("build_infra_")}
         )
+    except ConfigError as error:
+        raise AnsibleFilterError(str(error)) from None
+
+
+def _admin_qubes(infrastructure: Infrastructure, admin_qubes: object) -> tuple[str, ...]:
+    """dom0_admin_qubes as the dom0 role's argument spec takes it (a list, or a string of
+    comma-separated names), then validated."""
+    try:
+        admins = [] if admin_qubes is None else check_type_list(admin_qubes)
+    except TypeError:
+        raise AnsibleFilterError(
+            f"dom0_admin_qubes: must be a list of qube names, not {admin_qubes!r}"
+        ) from None
+    try:
+        return validate_admin_qubes(infrastructure, admins)
     except ConfigError as error:
         raise AnsibleFilterError(str(error)) from None
 
@@ -50,13 +67,19 @@ def build_infra_policy(
     shared rules, are taken from the `installed` policy file as they are.
     """
     infrastructure = _infrastructure(variables)
-    admins = tuple(admin_qubes or ())
+    admins = _admin_qubes(infrastructure, admin_qubes)
     if not envs:
         return policy_rules(infrastructure, admins)
     try:
         return limited_policy_rules(infrastructure, set(envs), installed, admins)
     except PolicyFileError as error:
         raise AnsibleFilterError(str(error)) from None
+
+
+def build_infra_admin_qubes(variables: dict[str, Any], admin_qubes: list[str]) -> list[str]:
+    """The admin qubes of dom0_admin_qubes, validated against the infrastructure (each once)."""
+    infrastructure = _infrastructure(variables)
+    return list(_admin_qubes(infrastructure, admin_qubes))
 
 
 def build_infra_env(variables: dict[str, Any], name: str) -> dict[str, Any]:
@@ -83,6 +106,7 @@ class FilterModule:
             "build_infra_qubes": build_infra_qubes,
             "build_infra_envs_of": build_infra_envs_of,
             "build_infra_policy": build_infra_policy,
+            "build_infra_admin_qubes": build_infra_admin_qubes,
             "build_infra_env": build_infra_env,
             "build_infra_flows": build_infra_flows,
             "build_infra_ssh_hosts": build_infra_ssh_hosts,

@@ -135,16 +135,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 variables["build_infra_env"] = qube["env"]
             self._add(name, groups, variables)
         self._add(infrastructure.netvm, ["net_vms"], dict(QUBE_CONNECTION))
-        kinds: dict[str, list[str]] = {}
-        for kind, template in (
-            ("build", infrastructure.build_template),
-            ("keys", infrastructure.keys_template),
-            ("logs", infrastructure.logs_template),
-            ("net", infrastructure.net_template),
-        ):
-            if template:
-                kinds.setdefault(template, []).append(kind)
-        for template, template_kinds in kinds.items():
+        for template, template_kinds in infrastructure.templates.items():
             self._add(
                 template,
                 ["templates"],

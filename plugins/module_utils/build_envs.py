@@ -9,7 +9,7 @@ Standard library only; no Ansible import.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,6 +132,37 @@ class Infrastructure:
         for logs in sorted({env.logs for env in envs}):
             result[logs] = _qube("logs", None, self.logs_template, self.logs_netvm, None)
         return result
+
+    @property
+    def templates(self) -> dict[str, list[str]]:
+        """The templates the site configures, each with the kinds of qube it serves (build,
+        keys, logs, net), in that order; the net qube's template only when one is named."""
+        kinds: dict[str, list[str]] = {}
+        for kind, template in (
+            ("build", self.build_template),
+            ("keys", self.keys_template),
+            ("logs", self.logs_template),
+            ("net", self.net_template),
+        ):
+            if template:
+                kinds.setdefault(template, []).append(kind)
+        return kinds
+
+    def configured_qubes(self) -> dict[str, str]:
+        """Every qube the site configures, with what it is to the infrastructure: the build,
+        keys and logs qubes, the templates and the net qube."""
+        configured: dict[str, str] = {}
+        for env in self.envs:
+            configured[env.build_vm] = f"the build qube of env {env.name!r}"
+            configured[env.keys_vm] = f"the keys qube of env {env.name!r}"
+        for logs in sorted({env.logs for env in self.envs}):
+            configured.setdefault(logs, "a logs qube of the infrastructure")
+        configured.setdefault(self.netvm, "the net qube of the infrastructure")
+        for template, kinds in self.templates.items():
+            configured.setdefault(
+                template, f"the {' and '.join(kinds)} template of the infrastructure"
+            )
+        return configured
 
     def envs_of(self, qubes: Collection[str]) -> list[str]:
         """The environments whose build or keys qube is among `qubes` (a logs qube may serve
@@ -369,6 +400,43 @@ class PolicyFileError(ValueError):
     """An installed policy file this collection cannot split into its sections."""
 
 
+ADMIN_QUBES = "dom0_admin_qubes"
+
+
+def validate_admin_qubes(infrastructure: Infrastructure, value: object) -> tuple[str, ...]:
+    """The admin qubes named in dom0_admin_qubes, each once, or ConfigError naming the entry and
+    the rule: a qube name (no policy keyword, which would stand for other qubes too), not dom0,
+    and none of the qubes the infrastructure configures (an admin qube must be a qube of its own,
+    or a qube of the infrastructure would drive all the others)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{ADMIN_QUBES}: must be a list of qube names, not {value!r}")
+    configured = infrastructure.configured_qubes()
+    admins: list[str] = []
+    for entry in value:
+        if isinstance(entry, str) and entry.startswith("@"):
+            raise ConfigError(
+                f"{ADMIN_QUBES}: {entry!r} is not a qube name: policy keywords (@anyvm,"
+                " @tag:..., @type:..., @adminvm, @dispvm...) stand for other qubes too; name"
+                " each admin qube"
+            )
+        if entry == "dom0":
+            raise ConfigError(
+                f"{ADMIN_QUBES}: 'dom0' is not a qube to name here: dom0 is not subject to"
+                " policy and reaches every qube already; name only admin qubes besides dom0"
+            )
+        qube_name(entry, ADMIN_QUBES)
+        if entry in configured:
+            raise ConfigError(
+                f"{ADMIN_QUBES}: {entry!r} is {configured[entry]}; an admin qube must be a qube"
+                " of its own"
+            )
+        if entry not in admins:
+            admins.append(entry)
+    return tuple(admins)
+
+
 def env_policy_rules(infrastructure: Infrastructure, env: Env) -> list[str]:
     """The section of one environment: each of its flows (DESIGN.md), and no other."""
     net = infrastructure.netvm
@@ -391,32 +459,46 @@ def env_policy_rules(infrastructure: Infrastructure, env: Env) -> list[str]:
     ]
 
 
-def shared_policy_rules(admin_qubes: tuple[str, ...] = ()) -> list[str]:
+def admin_targets(infrastructure: Infrastructure) -> list[str]:
+    """Where an admin qube runs Ansible: every qube the site configures. The build, keys and
+    logs qubes by their tag; the templates and the net qube by name (they are not tagged: the
+    final denial of the tagged qubes would close them to every other caller, the net qube's
+    and the templates' own Qubes services included)."""
+    return [f"@tag:{INFRA_TAG}", *infrastructure.templates, infrastructure.netvm]
+
+
+def shared_policy_rules(
+    infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = ()
+) -> list[str]:
     """The section of every environment: the admin qubes, then the denial of everything else.
 
     The build, keys and logs qubes carry the INFRA_TAG, so that one rule closes them to any call
     not allowed above it; dom0 (the Ansible controller by default) is not subject to policy.
+    `admin_qubes` are names validate_admin_qubes accepted.
     """
     rules = [SHARED_SECTION]
+    targets = list(dict.fromkeys(admin_targets(infrastructure)))
     for admin in admin_qubes:
-        # Qubes 4.2 runs qubes.VMRootShell as the rule's user (4.3 forces root): name root.
-        rules += [
-            f"qubes.VMShell * {admin} @tag:{INFRA_TAG} allow",
-            f"qubes.VMRootShell * {admin} @tag:{INFRA_TAG} allow user=root",
-        ]
+        for target in targets:
+            # Qubes 4.2 runs qubes.VMRootShell as the rule's user (4.3 forces root): name root.
+            rules += [
+                f"qubes.VMShell * {admin} {target} allow",
+                f"qubes.VMRootShell * {admin} {target} allow user=root",
+            ]
     for service in INFRA_SERVICES:
         rules += [f"{service} * @anyvm @anyvm deny", f"{service} * @anyvm @adminvm deny"]
     rules.append(f"* * @anyvm @tag:{INFRA_TAG} deny")
     return rules
 
 
-def policy_rules(infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = ()) -> list[str]:
+def policy_rules(infrastructure: Infrastructure, admin_qubes: Sequence[str] = ()) -> list[str]:
     """Every flow of the infrastructure, one section per environment, then denials for
     everything else among its qubes."""
+    admins = validate_admin_qubes(infrastructure, admin_qubes)
     rules = []
     for env in infrastructure.envs:
         rules += env_policy_rules(infrastructure, env)
-    return rules + shared_policy_rules(admin_qubes)
+    return rules + shared_policy_rules(infrastructure, admins)
 
 
 def policy_sections(text: str) -> tuple[dict[str, list[str]], list[str]]:
@@ -446,10 +528,12 @@ def limited_policy_rules(
     infrastructure: Infrastructure,
     envs: Collection[str],
     installed: str,
-    admin_qubes: tuple[str, ...] = (),
+    admin_qubes: Sequence[str] = (),
 ) -> list[str]:
     """The policy of a run limited to `envs`: their sections as described now, every other
-    section (environments and shared rules) exactly as installed."""
+    section (environments and shared rules) exactly as installed. The admin qubes are validated
+    even when the installed shared section is kept."""
+    admins = validate_admin_qubes(infrastructure, admin_qubes)
     installed_envs, installed_shared = policy_sections(installed)
     described = {env.name: env for env in infrastructure.envs if env.name in envs}
     rules = []
@@ -458,7 +542,7 @@ def limited_policy_rules(
             rules += env_policy_rules(infrastructure, described[name])
         else:
             rules += installed_envs[name]
-    return rules + (installed_shared or shared_policy_rules(admin_qubes))
+    return rules + (installed_shared or shared_policy_rules(infrastructure, admins))
 
 
 def expected_flows(infrastructure: Infrastructure) -> dict[tuple[str, str, str], str]:

@@ -3,12 +3,12 @@
 
 qubes-builder (builders.list format 1) is driven by its scripts, as qubes-builder-github does:
 `scripts/auto-build COMPONENT`, `scripts/make-with-log update-repo-REPOSITORY` (first making the
-repository, then uploading it) and `scripts/auto-build-template`. qubes-builderv2 (format 2) by
-its `qb` command with the builder's configuration, the stages qubes-builderv2-github runs.
+repository, then uploading it) and `scripts/auto-build-template`. qubes-builderv2 is not run: it
+needs a disposable template and Admin API policy the collection does not create yet, so ISOs,
+which only qubes-builderv2 builds, are built nowhere here.
 
-An upload is bound to what was built: the component's checked-out sources must be at the signed
-commit (qubes-builder: DIR/qubes-src/COMPONENT; qubes-builderv2: DIR/artifacts/sources/COMPONENT),
-and a template's built version and timestamp must be the signed ones.
+An upload is bound to what was built: the component's checked-out sources (DIR/qubes-src/COMPONENT)
+must be at the signed commit, and a template's built version and timestamp must be the signed ones.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ class NotForThisBuilder(Exception):
     """This builder does not take the command (another one may); the text says why."""
 
 
-def build_steps(builder: Builder, version: int, component: str) -> list[Step]:
+def build_steps(builder: Builder, component: str) -> list[Step]:
     """A component's whole build (TriggerBuild)."""
-    if version == 2:
-        return [Step((*builder.base_command(), "-c", component, "package", "all"))]
     return [Step((os.path.join(builder.directory, "scripts/auto-build"), component))]
 
 
@@ -48,9 +46,8 @@ def _source_commit(directory: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def _require_commit(builder: Builder, version: int, command: Command) -> None:
-    sources = "artifacts/sources" if version == 2 else "qubes-src"
-    directory = os.path.join(builder.directory, sources, command.component)
+def _require_commit(builder: Builder, command: Command) -> None:
+    directory = os.path.join(builder.directory, "qubes-src", command.component)
     found = _source_commit(directory)
     if found != command.commit:
         raise NotForThisBuilder(
@@ -81,18 +78,9 @@ def _v1_distributions(distributions: tuple[str, ...] | None) -> dict[str, str]:
 
 
 def _upload_component(
-    builder: Builder, version: int, command: Command, distributions: tuple[str, ...] | None
+    builder: Builder, command: Command, distributions: tuple[str, ...] | None
 ) -> list[Step]:
-    _require_commit(builder, version, command)
-    if version == 2:
-        selection = ["-c", command.component]
-        for name in distributions or ():
-            selection += ["-d", name]
-        base = (*builder.base_command(), *selection, "repository")
-        return [
-            Step((*base, "publish", command.repository)),
-            Step((*base, "upload", command.repository)),
-        ]
+    _require_commit(builder, command)
     variables = {"COMPONENTS": command.component, **_v1_distributions(distributions)}
     return _make_repository_steps(builder, command.repository, variables)
 
@@ -110,13 +98,7 @@ def _built_template_version(builder: Builder, template: str) -> str:
     return f"{number}-{built}"
 
 
-def _upload_template(builder: Builder, version: int, command: Command) -> list[Step]:
-    if version == 2:
-        base = (*builder.base_command(), "-t", command.template, "repository")
-        return [
-            Step((*base, "publish", command.repository)),
-            Step((*base, "upload", command.repository)),
-        ]
+def _upload_template(builder: Builder, command: Command) -> list[Step]:
     built = _built_template_version(builder, command.template)
     if built != command.version:
         raise NotForThisBuilder(
@@ -127,42 +109,20 @@ def _upload_template(builder: Builder, version: int, command: Command) -> list[S
     return _make_repository_steps(builder, command.repository, variables)
 
 
-def _build_template(builder: Builder, version: int, command: Command) -> list[Step]:
-    if version == 2:
-        stages = (
-            "template",
-            "prep",
-            "--template-timestamp",
-            command.timestamp,
-            "build",
-            "sign",
-            "publish",
-            "upload",
-        )
-        return [Step((*builder.base_command(), "-t", command.template, *stages))]
+def _build_template(builder: Builder, command: Command) -> list[Step]:
     script = os.path.join(builder.directory, "scripts/auto-build-template")
     return [Step((script, command.template, command.timestamp))]
 
 
-def _build_iso(builder: Builder, version: int, command: Command) -> list[Step]:
-    if version != 2:
-        raise NotForThisBuilder(f"qubes-builder in {builder.directory} does not build ISOs")
-    stages = (
-        "installer",
-        "init-cache",
-        "prep",
-        "--iso-timestamp",
-        command.timestamp,
-        "build",
-        "sign",
-        "upload",
+def _build_iso(builder: Builder) -> list[Step]:
+    raise NotForThisBuilder(
+        f"qubes-builder in {builder.directory} does not build ISOs (qubes-builderv2 does, which"
+        " this collection does not run yet)"
     )
-    return [Step((*builder.base_command(), "-o", f"iso:version={command.version}", *stages))]
 
 
 def command_steps(
     builder: Builder,
-    version: int,
     command: Command,
     distributions: tuple[str, ...] | None,
     timeout: float,
@@ -172,11 +132,11 @@ def command_steps(
     if "r" + builder.release != command.release:
         raise NotForThisBuilder(f"{builder.directory} builds release r{builder.release}")
     if command.kind == "Upload-component":
-        if find_component(builder, version, command.component, timeout) != command.component:
+        if find_component(builder, command.component, timeout) != command.component:
             raise NotForThisBuilder(f"{builder.directory} does not build {command.component}")
-        return command.component, _upload_component(builder, version, command, distributions)
+        return command.component, _upload_component(builder, command, distributions)
     if command.kind == "Upload-template":
-        return command.template, _upload_template(builder, version, command)
+        return command.template, _upload_template(builder, command)
     if command.kind == "Build-template":
-        return command.template, _build_template(builder, version, command)
-    return f"iso-{command.version}", _build_iso(builder, version, command)
+        return command.template, _build_template(builder, command)
+    return f"iso-{command.version}", _build_iso(builder)

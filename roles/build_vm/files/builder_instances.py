@@ -2,9 +2,9 @@
 """The builders of a build qube, as builder-github's qrexec services see them.
 
 Shared by qubesbuilder.TriggerBuild and qubesbuilder.ProcessGithubCommand: the settings the
-build_vm role wrote, the service's own log file, the builders of builders.list (format 1,
-qubes-builder: `rRELEASE=DIR`; format 2, qubes-builderv2: `rRELEASE=DIR=CONFIG`), which
-components a builder knows, and starting one of its actions detached, one at a time per builder.
+build_vm role wrote, the service's own log file, the builders of builders.list (qubes-builder's
+format 1, `rRELEASE=DIR`: the collection does not run qubes-builderv2 yet), which components a
+builder knows, and starting one of its actions detached, one at a time per builder.
 
 Only names that passed the callers' grammar checks reach this module; they are still passed as
 single argv elements, never through a shell.
@@ -27,7 +27,6 @@ from typing import Any, TextIO
 CONFIG = "/usr/local/etc/qubes-infra-build/build-services.json"
 DEFAULTS: dict[str, Any] = {
     "build_log_command": "",
-    "builder_version": 1,
     "builders_list": "~/.config/qubes-builder-github/builders.list",
     "logs_directory": "~/builder-github-logs",
     "keyring": "~/.config/qubes-builder-github/trusted-keys-for-commands.gpg",
@@ -41,11 +40,9 @@ DEFAULTS: dict[str, Any] = {
 PATHS = ("builders_list", "logs_directory", "keyring", "used_commands")
 # A component name: what TriggerBuild accepts, and what is taken from a builder's list.
 COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# What `make get-var` or `qb config` may print about one builder.
+# What `make get-var` may print about one builder.
 MAX_QUERY_OUTPUT = 1 << 20
-BUILDERS_LIST_LINE = re.compile(
-    r"^r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+?)(?:=(?P<config>[^=]+))?$"
-)
+BUILDERS_LIST_LINE = re.compile(r"^r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+)$")
 
 
 def load_config() -> dict[str, Any]:
@@ -100,32 +97,24 @@ def caller(config: dict[str, Any], log: ServiceLog) -> str | None:
 class Builder:
     release: str
     directory: str
-    config_file: str | None = None
 
     @property
     def lock(self) -> str:
         return os.path.join(self.directory, "builder.lock")
 
-    def base_command(self) -> list[str]:
-        """qubes-builderv2's command line for this builder's configuration (a relative
-        configuration path is the builder directory's)."""
-        config = os.path.join(self.directory, str(self.config_file))
-        return [os.path.join(self.directory, "qb"), "--builder-conf", config]
 
-
-def read_builders(path: str, version: int) -> list[Builder]:
+def read_builders(path: str) -> list[Builder]:
     """The builders of builders.list whose directory exists; other lines are skipped (the
-    role writes this file, so a line it did not write is ignored rather than trusted)."""
+    role writes this file, so a line it did not write is ignored rather than trusted; so is a
+    qubes-builderv2 line, `rRELEASE=DIR=CONFIG`, which no builder here can run)."""
     builders: list[Builder] = []
     if not os.path.isfile(path):
         return builders
     with open(path, encoding="utf-8") as source:
         for line in source:
             match = BUILDERS_LIST_LINE.match(line.strip())
-            if not match or (version == 2) != (match["config"] is not None):
-                continue
-            if os.path.isdir(match["dir"]):
-                builders.append(Builder(match["release"], match["dir"], match["config"]))
+            if match and os.path.isdir(match["dir"]):
+                builders.append(Builder(match["release"], match["dir"]))
     return builders
 
 
@@ -153,37 +142,25 @@ def repository_name(url: str) -> str:
     return name.removesuffix(".git").removeprefix("qubes-")
 
 
-def _v1_names(builder: Builder, timeout: float) -> list[str]:
+def _names(builder: Builder, timeout: float) -> list[str]:
     make = ["make", "-s", "-C", builder.directory, "get-var", "GET_VAR=COMPONENTS"]
     return [name for name in _query(make, timeout).split() if COMPONENT.match(name)]
 
 
-def _v1_repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
+def _repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
     """Each component's GIT_URL_<component> (`-` as `_`), from qubes-builder's `make get-var`,
     as qubes-builder-github's TriggerBuild asks it."""
     make = ["make", "-s", "-C", builder.directory, "get-var"]
     return [_query([*make, "GET_VAR=GIT_URL_" + name.replace("-", "_")], timeout) for name in names]
 
 
-def _v2_names(builder: Builder, timeout: float) -> list[str]:
-    command = [*builder.base_command(), "config", "get-components"]
-    return [name for name in _query(command, timeout).split() if COMPONENT.match(name)]
-
-
-def _v2_repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
-    """The components' URLs from qubes-builderv2's `qb config get-components`, in its order."""
-    command = [*builder.base_command(), "config", "get-components", "--attribute", "url"]
-    urls = _query(command, timeout).split()
-    return urls if len(urls) == len(names) else [""] * len(names)
-
-
-def find_component(builder: Builder, version: int, wanted: str, timeout: float) -> str | None:
+def find_component(builder: Builder, wanted: str, timeout: float) -> str | None:
     """The builder's component that `wanted` names, by its name or else by its repository's
     short name (builder-github matches both), or None."""
-    names = (_v2_names if version == 2 else _v1_names)(builder, timeout)
+    names = _names(builder, timeout)
     if wanted in names:
         return wanted
-    repositories = (_v2_repositories if version == 2 else _v1_repositories)(builder, names, timeout)
+    repositories = _repositories(builder, names, timeout)
     return next(
         (
             name
@@ -203,8 +180,8 @@ def action_environment(config: dict[str, Any]) -> dict[str, str]:
     and make-with-log calls of every action, as builder-github's lib/github-command-upload and
     lib/github-command-build-template export it before theirs. qubes-builder's
     scripts/auto-build-functions.sh (sourced by auto-build and auto-build-template) sets its own,
-    the same command with the log's name kept; qubes-builderv2 does not read it. Empty: unset,
-    and make-with-log runs make without a log, as upstream's does.
+    the same command with the log's name kept. Empty: unset, and make-with-log runs make without
+    a log, as upstream's does.
     """
     command = str(config.get("build_log_command") or "")
     return {"QUBES_BUILD_LOG_CMD": command} if command else {}

@@ -155,12 +155,11 @@ def run(
     command: Command, distributions: tuple[str, ...] | None, config: dict[str, Any], log: ServiceLog
 ) -> int:
     """Start the command in every builder that takes it; how many did."""
-    version = int(config["builder_version"])
     started = 0
-    for builder in read_builders(config["builders_list"], version):
+    for builder in read_builders(config["builders_list"]):
         try:
             name, steps = command_steps(
-                builder, version, command, distributions, float(config["query_timeout"])
+                builder, command, distributions, float(config["query_timeout"])
             )
         except NotForThisBuilder as error:
             log.line(f"{command.kind}: not in this builder: {error}")

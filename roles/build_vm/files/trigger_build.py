@@ -56,14 +56,13 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         log.line(f"refused from {source}: malformed argument: {error}")
         return 1
-    version = int(config["builder_version"])
     started = 0
-    for builder in read_builders(config["builders_list"], version):
-        component = find_component(builder, version, wanted, float(config["query_timeout"]))
+    for builder in read_builders(config["builders_list"]):
+        component = find_component(builder, wanted, float(config["query_timeout"]))
         if component is None:
             continue
         output = log.action_log(component, builder.release)
-        steps = build_steps(builder, version, component)
+        steps = build_steps(builder, component)
         pid = start_detached(builder, steps, output, action_environment(config))
         log.line(
             f"from {source}: build of {component} started in {builder.directory}"

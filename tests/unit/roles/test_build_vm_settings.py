@@ -206,3 +206,62 @@ def test_the_github_keys_are_githubs_published_ones(tmp_path: Path) -> None:
         line.split()[-1].strip("()"): line.split()[1] for line in listed if " github.com " in line
     }
     assert fingerprints == GITHUB_FINGERPRINTS
+
+
+# -- qubes-builderv2: refused until the collection creates what it needs --------------------------
+V2_WHY = (
+    "needs a disposable builder template and dom0 policy (C(admin.vm.CreateDisposable),"
+    " C(admin.vm.Start), C(admin.vm.Kill), C(qubes.Filecopy), C(qubesbuilder.FileCopyIn) and"
+    " C(qubesbuilder.FileCopyOut)"
+)
+
+
+def test_the_builder_version_accepts_1_only_and_says_why() -> None:
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+
+    specs = role_file("build_vm", "meta/argument_specs.yml")["argument_specs"]["main"]["options"]
+    spec = specs["build_vm_builder_version"]
+    assert (spec["type"], spec["choices"], spec["default"]) == ("int", [1], 1)
+    assert role_file("build_vm", "defaults/main.yml")["build_vm_builder_version"] == 1
+    description = " ".join(spec["description"])
+    assert "2 (qubes-builderv2) is refused" in description
+    assert "use 1" in description
+    assert V2_WHY in description
+    # What Ansible checks before the role runs (its role argument validation).
+    validator = ArgumentSpecValidator({"build_vm_builder_version": spec})
+    refused = validator.validate({"build_vm_builder_version": 2})
+    assert [str(error) for error in refused.errors] == [
+        "value of build_vm_builder_version must be one of: 1, got: 2"
+    ]
+    accepted = validator.validate({"build_vm_builder_version": "1"})
+    assert [str(error) for error in accepted.errors] == []
+    assert accepted.validated_parameters["build_vm_builder_version"] == 1
+
+
+def test_builders_list_has_qubes_builder_lines_only() -> None:
+    """Format 1, rRELEASE=DIR, whatever the builder's configuration file: the services read no
+    other line."""
+    environment = {
+        "builders": [
+            {"release": "4.2", "dir": "/home/user/builder-r4.2", "config_file": "R4.2/host.conf"},
+            {"release": "4.3", "dir": "/home/user/builder-r4.3", "config_file": "R4.3/host.conf"},
+        ]
+    }
+    rendered = render_template("build_vm", "builders.list.j2", build_vm_env=environment)
+    assert rendered.splitlines()[1:] == [
+        "r4.2=/home/user/builder-r4.2",
+        "r4.3=/home/user/builder-r4.3",
+    ]
+
+
+def test_the_services_settings_name_no_builder_version() -> None:
+    """The services run qubes-builder only: no setting could make them run qubes-builderv2."""
+    settings = json.loads(
+        render_template(
+            "build_vm",
+            "build-services.json.j2",
+            build_infra_netvm="sys-net",
+            build_vm_command_signers={},
+        )
+    )
+    assert "builder_version" not in settings

@@ -109,7 +109,6 @@ def make_qube(tmp_path: Path) -> Qube:
     config.write_text(
         json.dumps(
             {
-                "builder_version": 1,
                 "builders_list": str(home / "builders.list"),
                 "logs_directory": str(home / "builder-github-logs"),
                 "keyring": str(home / "trusted-keys-for-commands.gpg"),
@@ -250,35 +249,15 @@ def test_a_build_waits_for_whoever_holds_the_builder_lock(
     wait_for(lambda: built(first) == ["start core-admin", "end core-admin"], "the build")
 
 
-QB = """#!/bin/sh
-# qubes-builderv2's qb, far enough: the configuration's components and their URLs; stages recorded.
-here=$(cd "$(dirname "$0")" && pwd)
-[ "$1" = --builder-conf ] && [ "$2" = "$here/builder.yml" ] || exit 2
-shift 2
-case "$*" in
-"config get-components") printf 'core-admin\\nlinux-kernel\\n' ;;
-"config get-components --attribute url")
-    echo https://github.com/QubesOS/qubes-core-admin
-    echo https://github.com/QubesOS/qubes-linux-kernel-latest ;;
-*) echo "$*" >> "$here/built" ;;
-esac
-"""
-
-
-def test_builders_list_2_builds_with_qb(tmp_path: Path, qube: Qube) -> None:
-    """qubes-builderv2-github matches the component by name or repository, then runs the
-    component's package stages with the builder's configuration."""
-    builder = tmp_path / "builder-v2"
-    builder.mkdir()
-    (builder / "qb").write_text(QB)
-    (builder / "qb").chmod(0o755)
-    qube.settings(builder_version=2)
+def test_a_qubes_builderv2_line_is_not_a_builder(tmp_path: Path, qube: Qube) -> None:
+    """The collection does not run qubes-builderv2 yet: a builders.list line of its format,
+    rRELEASE=DIR=CONFIG, names no builder (the role writes format 1 only), even when DIR is a
+    qubes-builder that knows the component."""
+    builder = make_builder(tmp_path / "builder", "COMPONENTS = core-admin\n")
     qube.builders(f"r4.3={builder}=builder.yml")
-    assert qube.call(TRIGGER, "linux-kernel-latest").returncode == 0
-    wait_for(lambda: built(builder) == ["-c linux-kernel package all"], "the qb build")
-    qube.builders(f"r4.3={builder}")  # a format 1 line in a format 2 list is not a builder
     assert qube.call(TRIGGER, "core-admin").returncode == 0
     assert qube.decisions()[-1].endswith("no builder knows core-admin: nothing to build")
+    assert built(builder) == []
 
 
 # A build that writes down the build log command it was started with.
