@@ -89,6 +89,10 @@ class Layout:
     def runtime_record(self, name: str) -> Path:
         return self.runtime / f"{name}.json"
 
+    def shutdown_timeout(self, name: str) -> Path:
+        """The qube's shutdown_timeout as it was when its shutdown was asked for."""
+        return self.runtime / f"{name}.shutdown-timeout"
+
     def qube_lock(self, name: str) -> Path:
         return self.runtime / f"{name}.lock"
 

@@ -58,8 +58,10 @@ def _is_zombie(pid: int) -> bool:
     return True
 
 
-def _handle_shutdown(pid: int, timeout: float) -> None:
-    """On SIGTERM (qvm-shutdown): systemd's poweroff, and SIGKILL once shutdown_timeout is past."""
+def _handle_shutdown(pid: int, timeout: float, current: Path) -> None:
+    """On SIGTERM (qvm-shutdown): systemd's poweroff, and SIGKILL once shutdown_timeout is past,
+    the qube's property as it is at the shutdown (`current`, written by whoever asked for it),
+    else as it was at the start."""
 
     def kill(_signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -68,8 +70,11 @@ def _handle_shutdown(pid: int, timeout: float) -> None:
     def shut_down(_signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, POWEROFF)
+        seconds = timeout
+        with contextlib.suppress(OSError, ValueError):
+            seconds = float(current.read_text())
         signal.signal(signal.SIGALRM, kill)
-        signal.alarm(max(1, math.ceil(timeout)))
+        signal.alarm(max(1, math.ceil(seconds)))
 
     signal.signal(signal.SIGTERM, shut_down)
 
@@ -105,6 +110,7 @@ def _clean_up(layout: Layout, spec: guest_init.BootSpec, root_owner: str) -> Non
         runtime.commit_template(spec.name)
     elif not spec.owns_root:
         runtime.discard_snapshots(root_owner)
+    layout.shutdown_timeout(spec.name).unlink(missing_ok=True)
     layout.runtime_record(spec.name).unlink(missing_ok=True)
 
 
@@ -130,7 +136,7 @@ def main(notify_fd: int) -> int:
         os.close(notify_fd)
         guest_init.run(spec, write_end)
     os.close(write_end)
-    _handle_shutdown(pid, float(domain["shutdown_timeout"]))
+    _handle_shutdown(pid, float(domain["shutdown_timeout"]), layout.shutdown_timeout(spec.name))
     answer = _read_failure(read_end) or _wait_for_agent(spec, pid)
     if daemon.is_ready(answer):
         _record_running(layout, spec, pid)

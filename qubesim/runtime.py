@@ -228,11 +228,13 @@ class Runtime:
         running = self.running(name)
         if running is None:
             return
+        state = self.database.read()
         if not force:
-            state = self.database.read()
             clients = [client for client in state.clients(name) if self.is_running(client)]
             if state.provides_network(name) and clients:
                 raise QubeInUse(f"There are other VMs connected to this VM: {', '.join(clients)}")
+        timeout_file = self.layout.shutdown_timeout(name)
+        timeout_file.write_text(f"{state.get_property(name, 'shutdown_timeout')}\n")
         _signal(running.monitor, signal.SIGTERM)  # the monitor shuts the qube down as Qubes does
         if wait:
             self.wait_halted(name, timeout)

@@ -9,6 +9,7 @@ environment its own components."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -175,11 +176,16 @@ def call(build_qube: str, service: str, message: str = "") -> Call:
     )
 
 
-def wait_for_text(qube: str, path: str, text: str, seconds: float = 180) -> str:
+# The line an action's log ends with (builder_instances.py's "STAMP done"); a logged make's own
+# "> done" (qubes-builder's make-with-log) comes earlier, once per step.
+DONE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d done$", re.MULTILINE)
+
+
+def wait_for_text(qube: str, path: str, text: str | re.Pattern[str], seconds: float = 180) -> str:
     deadline = time.monotonic() + seconds
     while True:
         content = in_qube(qube, f"cat {path} 2>/dev/null").stdout
-        if text in content:
+        if text.search(content) if isinstance(text, re.Pattern) else text in content:
             return content
         assert time.monotonic() < deadline, f"{path} in {qube} never showed {text!r}: {content}"
         time.sleep(0.5)
@@ -201,7 +207,7 @@ def test_a_push_builds_only_where_the_builder_knows_the_component(services: Serv
     assert f"build of core-admin started in {BUILDER} (release 4.2" in fedora.decisions[0]
     [output] = fedora.action_logs
     assert output.endswith("-core-admin-4.2.log")
-    wait_for_text("build-fedora", f"{LOGS}/{output}", "done")
+    wait_for_text("build-fedora", f"{LOGS}/{output}", DONE)
     artifact = in_qube("build-fedora", f"cat {BUILDER}/artifacts/core-admin/core-admin.tar")
     assert artifact.stdout.startswith("core-admin, built from ")
     assert in_qube("build-kernel", f"test -e {BUILDER}/artifacts").returncode != 0
@@ -221,7 +227,7 @@ def test_the_repository_name_builds_its_component(services: Services) -> None:
     fedora = call("build-fedora", "qubesbuilder.TriggerBuild+linux-kernel-latest")
     assert "build of linux-kernel started" in kernel.decisions[0]
     assert fedora.action_logs == [] and "no builder knows" in fedora.decisions[0]
-    wait_for_text("build-kernel", f"{LOGS}/{kernel.action_logs[0]}", "done")
+    wait_for_text("build-kernel", f"{LOGS}/{kernel.action_logs[0]}", DONE)
     assert in_qube("build-kernel", f"test -s {BUILDER}/artifacts/linux-kernel/linux-kernel.tar.asc")
 
 
@@ -259,7 +265,7 @@ def test_a_build_waits_for_the_builder_lock_and_the_call_does_not(services: Serv
         assert in_qube("build-fedora", f"test -e {BUILDER}/artifacts/gui-daemon").returncode != 0
     finally:
         as_root("build-fedora", f"pkill -P {pid}; kill {pid}", check=False)
-    wait_for_text("build-fedora", f"{LOGS}/{output}", "done")
+    wait_for_text("build-fedora", f"{LOGS}/{output}", DONE)
     assert in_qube("build-fedora", f"test -s {BUILDER}/artifacts/gui-daemon/gui-daemon.tar")
 
 
@@ -269,7 +275,7 @@ def test_a_signed_upload_runs_once_and_its_copy_is_replayed(services: Services) 
     first = call("build-fedora", "qubesbuilder.ProcessGithubCommand", message)
     assert first.result.returncode == 0, first.result.stderr
     assert f"accepted from sys-net: {services.upload()}" in first.decisions[0]
-    wait_for_text("build-fedora", f"{LOGS}/{first.action_logs[0]}", "done")
+    wait_for_text("build-fedora", f"{LOGS}/{first.action_logs[0]}", DONE)
     variables = "COMPONENTS=core-admin DISTS_VM=bookworm DIST_DOM0="
     assert commands_run("build-fedora") == [
         *before,
