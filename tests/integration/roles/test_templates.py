@@ -1,7 +1,8 @@
 """The templates role on qubesim: a converged template is left alone without any download; a
 missing package comes through Qubes' updates proxy (the template has no network), and the running
 qubes of the infrastructure based on the template, the net qube last, are restarted to see it,
-decided from dom0's record of their roots, so that an interrupted run is repaired by the next."""
+decided from what each has (dom0's record of their roots, then their own package databases), so
+that an interrupted run is repaired by the next, and a converged run restarts nothing."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def converged() -> None:
 
 
 def test_a_converged_template_changes_nothing_and_downloads_nothing(converged: None) -> None:
+    run_tool("qvm-start", "--skip-if-running", "build-fedora")
+    as_root("build-fedora", "touch /tmp/before-the-run")
     started = datetime.now(UTC)
     again = templates("--diff")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -48,6 +51,10 @@ def test_a_converged_template_changes_nothing_and_downloads_nothing(converged: N
     assert "changed=0" in recap(checked.stdout, TEMPLATE)
     calls = [entry for entry in audit_since(started) if entry["service"] == "qubes.UpdatesProxy"]
     assert calls == []
+    # The template's start and shutdown made the qube's root outdated, but it has every package:
+    # it was not restarted.
+    assert run_tool("qvm-volume", "info", "build-fedora:root", "is_outdated").stdout == "True\n"
+    assert as_root("build-fedora", "test -e /tmp/before-the-run", check=False).returncode == 0
 
 
 def test_packages_unknown_for_a_kind_are_refused(converged: None) -> None:
