@@ -113,13 +113,15 @@ integration: bootstrap
 	$(QUBESIM) dom0 -- pytest tests/integration --durations=15
 
 # The other supported release, on the slice that proves what qubesim does differently there and
-# what every release must do alike (boot, snapshots, minimal template, split-GPG's question), on a
+# what every release must do alike (boot, snapshots, minimal template, split-GPG's question, root
+# in a qube through the collection's connection and become plugins), on a
 # host of its own that goes when the slice ends. Qubes of the default host are shut down first:
 # the updates proxy's port on the loopback is one for all hosts.
 OTHER_RELEASE := 4.2
 OTHER_RELEASE_HOME := /var/lib/qubesim-$(OTHER_RELEASE)
 OTHER_RELEASE_SLICE := $(addprefix tests/integration/qubesim/,test_releases.py test_boot.py \
-  test_template_snapshots.py test_split_gpg.py test_privileges.py test_qvm_run.py)
+  test_template_snapshots.py test_split_gpg.py test_privileges.py test_qvm_run.py) \
+  tests/integration/plugins/connection/test_root.py
 integration-other-release: bootstrap
 	if [ -e "$${QUBESIM_HOME:-/var/lib/qubesim}/qubes.json" ]; then \
 	  $(QUBESIM) dom0 -- qvm-shutdown --all --force --wait; fi
