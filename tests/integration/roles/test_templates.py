@@ -105,8 +105,10 @@ def test_a_new_package_comes_through_the_proxy_and_reaches_restarted_qubes(
 
 def test_a_run_stopped_before_the_restarts_is_repaired_by_the_next(converged: None) -> None:
     # The state such a run leaves: the template has the package (installed as the role would,
-    # through the proxy) and has not shut down; a qube based on it runs its old root.
-    run_tool("qvm-start", "--skip-if-running", "build-fedora")
+    # through the proxy) and has not shut down; a qube based on it runs its old root, without it.
+    run_tool("qvm-shutdown", "--wait", "build-fedora", check=False)
+    run_tool("qvm-start", "build-fedora")
+    assert as_root("build-fedora", f"dpkg-query -W {NEW_PACKAGE}", check=False).returncode
     as_root("build-fedora", "touch /tmp/before-the-update")
     try:
         as_root(TEMPLATE, f"apt-get install --assume-yes {NEW_PACKAGE}")
