@@ -1,6 +1,6 @@
-"""The webhooks role on qubesim: nginx and the receiver in sys-net, reached over loopback as GitHub
-would reach them, delivering to stand-in build services that record every call, with the audit
-log as the witness of which qrexec calls the net qube made."""
+"""The webhooks role on qubesim: nginx, the receiver and the worker in sys-net as systemd units,
+reached over loopback as GitHub would reach them, delivering to stand-in build services that
+record every call, with the audit log as the witness of which qrexec calls the net qube made."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ from tests.integration.conftest import as_root, audit_since, run_tool, site
 from tests.utils import github_webhook
 
 NET = "sys-net"
+NET_TEMPLATE = "debian-12"  # the example inventory's build_infra_net_template
+TARGET = "qubes-infra-webhooks.target"
+NGINX = "qubes-infra-webhooks-nginx.service"
+RECEIVER = "qubes-infra-webhooks-receiver.service"
+WORKER = "qubes-infra-webhooks-worker.service"
+UNITS = (NGINX, RECEIVER, WORKER)
 BUILD_QUBES = ("build-fedora", "build-kernel")
 STATE = "/home/user/.local/state/qubes-infra-build/webhooks"
 TRIGGER = "/api/services/trigger_build"
@@ -53,8 +59,10 @@ class Hooks:
     secret: str
     variables: Path
 
-    def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
-        return site("-e", f"@{self.variables}", "--tags", "dom0,webhooks", *arguments)
+    def play(
+        self, *arguments: str, tags: str = "dom0,webhooks"
+    ) -> subprocess.CompletedProcess[str]:
+        return site("-e", f"@{self.variables}", "--tags", tags, *arguments)
 
     def post(
         self, route: str, body: bytes, connection: http.client.HTTPConnection | None = None,
@@ -138,6 +146,30 @@ def hooks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hooks]:
                           f"[ ! -e {path}.saved ] || mv {path}.saved {path}")  # fmt: skip
 
 
+def test_the_services_are_systemd_units_of_one_target(hooks: Hooks) -> None:
+    assert states(TARGET, *UNITS) == ["active"] * 4
+    # Started from rc.local at each start of the qube, the units being in /usr/local.
+    rc_local = read(NET, "/rw/config/rc.local")
+    assert f"systemctl daemon-reload\nsystemctl start {TARGET}\n" in rc_local
+    listed = as_root(NET, "ls /usr/local/lib/systemd/system").stdout.split()
+    assert set(listed) >= {TARGET, *UNITS}
+
+
+def test_a_killed_receiver_or_worker_comes_back(hooks: Hooks) -> None:
+    delivered_everything_before(hooks)
+    for unit in (RECEIVER, WORKER):
+        killed = main_pid(unit)
+        as_root(NET, f"kill -KILL {killed}")
+        assert wait_for(
+            lambda unit=unit, killed=killed: (
+                states(unit) == ["active"] and main_pid(unit) not in ("0", killed)
+            ),
+            seconds=30,
+        ), unit
+    # A signed push is accepted (202) and delivered again.
+    delivered_everything_before(hooks)
+
+
 def test_a_signed_push_triggers_its_component_in_every_build_qube(hooks: Hooks) -> None:
     started = datetime.now(UTC)
     component = f"core-admin-{secrets.token_hex(4)}"
@@ -218,9 +250,17 @@ def test_the_role_refuses_to_deploy_without_a_secret(hooks: Hooks) -> None:
     assert after == before
 
 
-def service_pids() -> str:
-    return as_root(NET, "cat /run/qubes-infra-webhooks/nginx.pid "
-                        "/run/qubes-infra-webhooks/receiver/gunicorn.pid").stdout  # fmt: skip
+def main_pid(unit: str) -> str:
+    return as_root(NET, f"systemctl show --property=MainPID --value {unit}").stdout.strip()
+
+
+def states(*units: str) -> list[str]:
+    """`systemctl is-active` of each unit in the net qube."""
+    return as_root(NET, f"systemctl is-active {' '.join(units)}", check=False).stdout.split()
+
+
+def service_pids() -> dict[str, str]:
+    return {unit: main_pid(unit) for unit in UNITS}
 
 
 def service_memory_kib() -> int:
@@ -269,6 +309,12 @@ def test_500_webhooks_in_10_seconds_are_each_accounted_for_and_coalesced(hooks: 
     assert service_memory_kib() < memory + 64 * 1024
 
 
+def rc_local_done() -> bool:
+    """qvm-start returns once the qube's qrexec agent is up, as on Qubes: rc.local, which starts
+    the webhooks services and waits for them, may still be running until this is true."""
+    return as_root(NET, "systemctl is-active qubes-misc-post.service", check=False).returncode == 0
+
+
 def test_a_restart_of_the_net_qube_loses_no_accepted_event(hooks: Hooks) -> None:
     delivered_everything_before(hooks)
     for qube in BUILD_QUBES:
@@ -280,20 +326,42 @@ def test_a_restart_of_the_net_qube_loses_no_accepted_event(hooks: Hooks) -> None
         # Killed as by a crash: the slow build services keep most events in the spool.
         run_tool("qvm-kill", NET)
         run_tool("qvm-start", NET)
-        # qvm-start returns once the qube's qrexec agent is up, as on Qubes: rc.local, which
-        # starts the webhooks services, may still be running.
-        assert wait_for(
-            lambda: (
-                as_root(NET, "systemctl is-active qubes-misc-post.service", check=False).returncode
-                == 0
-            )
-        )
+        assert wait_for(rc_local_done)
     finally:
         for qube in BUILD_QUBES:
             as_root(qube, f"rm -f {SLOW}")
     delivered_everything_before(hooks)
     for qube in BUILD_QUBES:
         assert set(components) <= set(triggered(qube)), qube
+
+
+def test_the_net_templates_own_nginx_service_does_not_take_the_port(hooks: Hooks) -> None:
+    """Debian's nginx package enables nginx.service, with its default site on port 80, in every
+    qube of the template: the templates role disables it in the net template, so that the net
+    qube, once restarted from it, serves port 80 with the receiver alone."""
+    enabled = False
+    try:
+        # As the package's postinst does (qubesim made the template without the host's enabled
+        # units).
+        as_root(NET_TEMPLATE, "systemctl enable nginx.service")
+        enabled = True
+        run_tool("qvm-shutdown", "--wait", NET_TEMPLATE)
+        played = hooks.play(tags="dom0,templates,webhooks")
+        assert played.returncode == 0, played.stdout + played.stderr
+        # The net qube has its template's packages, so the templates role left it running: it
+        # restarts here, from the template's root as the role left it.
+        run_tool("qvm-shutdown", "--wait", "--force", NET)
+        run_tool("qvm-start", NET)
+        assert wait_for(rc_local_done)
+        enabled_here = as_root(NET, "systemctl is-enabled nginx.service", check=False).stdout
+        assert (enabled_here.strip(), states("nginx.service")) == ("disabled", ["inactive"])
+        enabled = False
+        assert states(*UNITS) == ["active"] * 3
+        delivered_everything_before(hooks)  # a signed push on port 80: 202, then delivered
+    finally:
+        if enabled:
+            as_root(NET_TEMPLATE, "systemctl disable nginx.service", check=False)
+            run_tool("qvm-shutdown", "--wait", NET_TEMPLATE, check=False)
 
 
 def test_tls_and_the_source_allow_list(hooks: Hooks, tmp_path: Path) -> None:
