@@ -146,7 +146,7 @@ floor: bootstrap $(FLOOR_VENV)/.installed
 	$(QUBESIM) init
 	$(QUBESIM) world up
 	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH pytest -q \
-	  tests/integration/plugins/connection/test_hostile_qube.py -k planted
+	  tests/integration/plugins/connection/test_hostile_qube.py -k facts
 	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH ansible-playbook \
 	  -i inventory/qubesim/build_infra.yml -e @"$$($(QUBESIM) world variables)" site.yml
 	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH ansible-playbook \
