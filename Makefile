@@ -140,17 +140,18 @@ $(FLOOR_VENV)/.installed: pyproject.toml | apt
 	$(FLOOR_BIN)/pip install --quiet --disable-pip-version-check -e '.[floor]'
 	@touch $@
 
+# A command in dom0 with the floor's programs first (dom0's own PATH comes after, with its tools).
+FLOOR_IN_DOM0 := $(QUBESIM) dom0 -- sh -c 'PATH="$$0:$$PATH" exec "$$@"' $(FLOOR_BIN)
 floor: bootstrap $(FLOOR_VENV)/.installed
 	$(FLOOR_BIN)/ansible --version | head -n 1
 	PATH=$(FLOOR_BIN):$$PATH $(FLOOR_BIN)/pytest tests/unit -q
 	$(QUBESIM) init
 	$(QUBESIM) world up
-	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH pytest -q \
-	  tests/integration/plugins/connection/test_hostile_qube.py -k facts
-	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH ansible-playbook \
-	  -i inventory/qubesim/build_infra.yml -e @"$$($(QUBESIM) world variables)" site.yml
-	$(QUBESIM) dom0 -- env PATH=$(FLOOR_BIN):$$PATH ansible-playbook \
-	  -i inventory/qubesim/build_infra.yml -e @"$$($(QUBESIM) world variables)" playbooks/verify.yml
+	$(FLOOR_IN_DOM0) pytest -q tests/integration/plugins/connection/test_hostile_qube.py -k facts
+	$(FLOOR_IN_DOM0) ansible-playbook -i inventory/qubesim/build_infra.yml \
+	  -e @"$$($(QUBESIM) world variables)" site.yml
+	$(FLOOR_IN_DOM0) ansible-playbook -i inventory/qubesim/build_infra.yml \
+	  -e @"$$($(QUBESIM) world variables)" playbooks/verify.yml
 
 # Timing lives here, never in tests: ratios measured side by side in one run.
 # The molecule scenarios (extensions/molecule: one per role and `default`, the whole site) on

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ansible.release import __version__ as ansible_version
 
 from tests.integration.conftest import ROOT, Qvm, as_root
 from tests.integration.plugins.connection.test_qubes_connection import PLAYBOOKS, write_inventory
@@ -179,7 +180,11 @@ def test_facts_naming_the_plugins_variables_are_refused(
         "-e",
         json.dumps({"planted_for": target}),
     )
-    assert result.returncode == 4, result.output  # the host is unreachable for the rest of the play
+    # The host is out of the play: unreachable from ansible-core 2.17 on (the refusal comes from
+    # the option-resolution hook), failed on 2.16 (it comes when the task's variables are handed
+    # to the connection); either way before anything runs.
+    refused = 4 if tuple(map(int, ansible_version.split(".")[:2])) >= (2, 17) else 2
+    assert result.returncode == refused, result.output
     assert (
         f"host '{target}': its facts set ansible_qubes_command_timeout, ansible_qubes_name,"
         " ansible_qubes_transport, which only the inventory may set" in result.output
