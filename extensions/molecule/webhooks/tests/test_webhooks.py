@@ -1,5 +1,6 @@
-"""webhooks: nginx and the receiver run in the net qube, started at boot from rc.local, with the
-secret readable by the receiver's user only and the list of build qubes to call."""
+"""webhooks: nginx, the receiver and the worker run in the net qube as systemd units, started at
+boot from rc.local, with the secret readable by the receiver's user only and the list of build
+qubes to call."""
 
 from __future__ import annotations
 
@@ -16,8 +17,14 @@ def test_the_receiver_answers_and_refuses_an_unsigned_request(host: Any) -> None
     assert status == "403"
 
 
+def test_the_services_are_active_units(host: Any) -> None:
+    for service in ("nginx", "receiver", "worker"):
+        assert host.service(f"qubes-infra-webhooks-{service}.service").is_running
+    assert host.service("nginx.service").is_running is False
+
+
 def test_started_from_rc_local_with_a_private_secret(host: Any) -> None:
-    assert host.file("/rw/config/rc.local").is_file
+    assert host.file("/rw/config/rc.local").contains("systemctl start qubes-infra-webhooks.target")
     secrets = host.check_output("find /usr/local/etc -name webhooks-secret -printf '%u %m\\n'")
     assert secrets == "user 600"
     listed = host.check_output("find /home/user/.config -name build-vms.list -exec cat {} +")
