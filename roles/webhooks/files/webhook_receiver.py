@@ -33,7 +33,8 @@ ROUTES = {
 SIGNATURE_PREFIX = "sha256="
 # What qubesbuilder.TriggerBuild takes as its argument: 1-64 characters, no `/`, `.` or space;
 # here only letters, digits, `_` and `-` (qrexec would turn anything else into `_`).
-COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Matched whole (fullmatch): `$` would let a trailing newline through into a spool file's name.
+COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SIGNED_START = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: "
 SIGNED_END = "\n-----END PGP SIGNATURE-----"
 
@@ -75,7 +76,7 @@ def component_of(full_name: object) -> str:
         raise Refused(400, "refused", "repository.full_name is not OWNER/NAME")
     name = full_name.split("/")[1]
     component = name.removeprefix("qubes-")
-    if not COMPONENT.match(component):
+    if not COMPONENT.fullmatch(component):
         raise Refused(
             400,
             "refused",
@@ -146,6 +147,9 @@ class Receiver:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "refused", "the body is not JSON") from None
+        except RecursionError:
+            # A signed body within the size limit can still nest deeper than Python's parser goes.
+            raise Refused(400, "refused", "the body's JSON nests too deeply") from None
         if not isinstance(payload, dict):
             raise Refused(400, "refused", "the body is not a JSON object")
         delivery = environ.get("HTTP_X_GITHUB_DELIVERY", "")

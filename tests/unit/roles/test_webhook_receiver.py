@@ -198,6 +198,7 @@ def test_malformed_json_is_refused_400(place: Place) -> None:
         "no-owner",
         "QubesOS/qubes-",
         "QubesOS/core\nadmin",
+        "QubesOS/qubes-core-admin\n",
     ],
 )
 def test_a_repository_name_that_is_no_component_name_is_refused(
@@ -205,6 +206,14 @@ def test_a_repository_name_that_is_no_component_name_is_refused(
 ) -> None:
     status, text = place.post(TRIGGER, push(full_name))
     assert status == 400, text
+    assert place.spooled() == []
+
+
+def test_a_signed_body_nested_too_deep_is_refused_and_logged(place: Place) -> None:
+    depth = 2_000  # within the test settings' 4096-byte body limit; Python stops at about 1,000
+    status, text = place.post(TRIGGER, b"[" * depth + b"]" * depth)
+    assert status == 400, text
+    assert "nests too deeply" in place.log_lines()[-1]
     assert place.spooled() == []
 
 
