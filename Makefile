@@ -8,6 +8,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
+# The oldest supported ansible-core (make floor) has a virtual environment of its own.
+FLOOR_VENV := .venv-floor
+FLOOR_BIN := $(CURDIR)/$(FLOOR_VENV)/bin
 # The tools installed in the virtual environment come first (ansible-lint, ansible-test expect it).
 export PATH := $(BIN):$(PATH)
 QUBESIM := $(BIN)/qubesim
@@ -23,8 +26,8 @@ COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
 NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
-.PHONY: help demo test bootstrap apt template-packages lint sanity unit integration \
-  integration-other-release floor molecule bench \
+.PHONY: help demo test test-checks test-lane-qubes test-lane-site bootstrap apt template-packages \
+  lint sanity unit integration integration-other-release floor floor-unit floor-site molecule bench \
   clean
 
 help:
@@ -34,6 +37,7 @@ help:
 	@echo "make lint | sanity | unit | integration | molecule - one test layer"
 	@echo "make integration-other-release - qubesim's other release (4.2) on the slice that proves it"
 	@echo "make floor  - the oldest supported ansible-core: unit tests, then site.yml and verify.yml"
+	@echo "              (make floor-unit | floor-site - one of the two)"
 	@echo "make molecule SCENARIO=build_vm - one molecule scenario"
 	@echo "make bench  - benchmarks (connection plugin, log path, webhook receiver), printed as tables"
 	@echo "make clean  - remove the virtual environment and the simulated host"
@@ -48,7 +52,38 @@ demo: bootstrap
 	$(QUBESIM) dom0 -- qvm-ls
 	$(QUBESIM) dom0 -- demo/build-and-verify
 
-test: lint sanity unit integration-other-release floor integration molecule
+# make test runs in three lanes side by side: the checks that need no simulated host, and two
+# lanes of simulated hosts, each host in a network namespace of its own (tests/utils/own-network),
+# so that their qubes and worlds bind the same loopback ports without meeting. Most of an
+# integration test's time goes to waiting on qubes, so two cores carry the lanes well. A lane's
+# hosts go when the lane ends; each part's output is printed as a whole when the part ends.
+test: bootstrap $(FLOOR_VENV)/.installed
+	$(MAKE) --jobs=3 --output-sync=target --keep-going test-checks test-lane-qubes test-lane-site
+
+# A lane runs its parts one after the other (one goal per make: several would run side by side).
+test-checks:
+	$(MAKE) lint
+	$(MAKE) sanity
+	$(MAKE) unit
+	$(MAKE) floor-unit
+
+# One lane's host (named after the lane) and its loopback, for the rest of the recipe line.
+in_lane = export QUBESIM_HOME=$(LANE_HOME)-$(1); trap '$(QUBESIM) destroy >/dev/null' EXIT; \
+  $(OWN_NETWORK)
+LANE_HOME := /var/lib/qubesim-lane
+OWN_NETWORK := $(CURDIR)/tests/utils/own-network
+# The tests of qubesim and of the plugins, which make and remove qubes of their own; the others
+# (the converged site, the roles, the playbooks) share the qubes the site converges.
+QUBE_TESTS := tests/integration/qubesim tests/integration/plugins
+SITE_TESTS := tests/integration/converged tests/integration/roles tests/integration/playbooks
+
+test-lane-qubes:
+	$(MAKE) integration-other-release
+	$(call in_lane,qubes) $(MAKE) integration INTEGRATION_TESTS="$(QUBE_TESTS)"
+
+test-lane-site:
+	$(call in_lane,site) sh -c '$(MAKE) floor-site && \
+	  $(MAKE) integration INTEGRATION_TESTS="$(SITE_TESTS)" && $(MAKE) molecule'
 
 bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK) template-packages
 
@@ -108,45 +143,44 @@ unit: bootstrap
 	pytest tests/unit
 
 # Root and the simulated host: the tests run inside dom0, as a real dom0's admin would run them.
+INTEGRATION_TESTS := tests/integration
 integration: bootstrap
 	$(QUBESIM) init
-	$(QUBESIM) dom0 -- pytest tests/integration --durations=15
+	$(QUBESIM) dom0 -- pytest $(INTEGRATION_TESTS) --durations=15
 
 # The other supported release, on the slice that proves what qubesim does differently there and
 # what every release must do alike (boot, snapshots, minimal template, split-GPG's question, root
 # in a qube through the collection's connection and become plugins), on a
-# host of its own that goes when the slice ends. Qubes of the default host are shut down first:
-# the updates proxy's port on the loopback is one for all hosts.
+# host of its own (and a loopback of its own) that goes when the slice ends.
 OTHER_RELEASE := 4.2
-OTHER_RELEASE_HOME := /var/lib/qubesim-$(OTHER_RELEASE)
 OTHER_RELEASE_SLICE := $(addprefix tests/integration/qubesim/,test_releases.py test_boot.py \
   test_template_snapshots.py test_split_gpg.py test_privileges.py test_qvm_run.py) \
   tests/integration/plugins/connection/test_root.py
 integration-other-release: bootstrap
-	if [ -e "$${QUBESIM_HOME:-/var/lib/qubesim}/qubes.json" ]; then \
-	  $(QUBESIM) dom0 -- qvm-shutdown --all --force --wait; fi
-	export QUBESIM_HOME=$(OTHER_RELEASE_HOME); trap '$(QUBESIM) destroy' EXIT; \
-	$(QUBESIM) init --release $(OTHER_RELEASE) && \
-	$(QUBESIM) dom0 -- pytest $(OTHER_RELEASE_SLICE)
+	$(call in_lane,$(OTHER_RELEASE)) sh -c '$(QUBESIM) init --release $(OTHER_RELEASE) && \
+	  $(QUBESIM) dom0 -- pytest $(OTHER_RELEASE_SLICE)'
 
 # The oldest supported ansible-core (pyproject.toml's `floor`), in a virtual environment of its
-# own: the unit tests, the connection plugin's refusal of planted facts (which that version
-# resolves through another hook), then the whole site and its verification converged from a
-# fresh simulated host; the integration tests that follow run on the host it converged.
-FLOOR_VENV := .venv-floor
-FLOOR_BIN := $(CURDIR)/$(FLOOR_VENV)/bin
+# own: the unit tests (floor-unit), then (floor-site) the connection plugin's refusal of planted
+# facts, which that version resolves through another hook, and the whole site and its
+# verification converged from a fresh simulated host.
 $(FLOOR_VENV)/.installed: pyproject.toml | apt
 	[ -x $(FLOOR_BIN)/python ] || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_BIN)/pip install --quiet --disable-pip-version-check -e '.[floor]'
 	@touch $@
 
-# A command in dom0 with the floor's programs first (dom0's own PATH comes after, with its tools).
-FLOOR_IN_DOM0 := $(QUBESIM) dom0 -- sh -c 'PATH="$$0:$$PATH" exec "$$@"' $(FLOOR_BIN)
-floor: bootstrap $(FLOOR_VENV)/.installed
+floor: floor-unit floor-site
+
+floor-unit: bootstrap $(FLOOR_VENV)/.installed
 	$(FLOOR_BIN)/ansible --version | head -n 1
 	PATH=$(FLOOR_BIN):$$PATH $(FLOOR_BIN)/pytest tests/unit -q
+
+# A command in dom0 with the floor's programs first (dom0's own PATH comes after, with its tools).
+FLOOR_IN_DOM0 := $(QUBESIM) dom0 -- sh -c 'PATH="$$0:$$PATH" exec "$$@"' $(FLOOR_BIN)
+floor-site: bootstrap $(FLOOR_VENV)/.installed
 	$(QUBESIM) init
 	$(QUBESIM) world up
+	$(FLOOR_IN_DOM0) ansible --version | head -n 1
 	$(FLOOR_IN_DOM0) pytest -q tests/integration/plugins/connection/test_hostile_qube.py -k facts
 	$(FLOOR_IN_DOM0) ansible-playbook -i inventory/qubesim/build_infra.yml \
 	  -e @"$$($(QUBESIM) world variables)" site.yml
