@@ -192,10 +192,11 @@ def request(pending: Pending, component: str, log: ServiceLog, source: str) -> N
     output = log.action_log(component, builder.release)
     with pending.locked():
         joined = pending.add(component, os.path.basename(output))
+        if joined is None:  # the log's first line, before the runner can see the build
+            with open(output, "a", encoding="ascii") as out:
+                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} pending\n")
     where = f"in {builder.directory} (release {builder.release}"
     if joined is None:
-        with open(output, "a", encoding="ascii") as out:
-            out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} pending\n")
         log.line(f"from {source}: build of {component} pending {where}, log {output})")
     else:
         existing = os.path.join(os.path.dirname(output), joined)
