@@ -297,7 +297,7 @@ def test_a_trigger_flood_leaves_one_process_and_builds_once_after_it(services: S
     try:
         calls = in_qube(
             "sys-net",
-            f"for i in $(seq {FLOOD}); do"
+            f"for i in {{1..{FLOOD}}}; do"
             " (qrexec-client-vm -- build-fedora qubesbuilder.TriggerBuild+core-admin"
             " || echo refused) & done; wait",
         )
