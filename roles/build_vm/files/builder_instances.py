@@ -4,7 +4,8 @@
 Shared by qubesbuilder.TriggerBuild and qubesbuilder.ProcessGithubCommand: the settings the
 build_vm role wrote, the service's own log file, the builders of builders.list (qubes-builder's
 format 1, `rRELEASE=DIR`: the collection does not run qubes-builderv2 yet), which components a
-builder knows, and starting one of its actions detached, one at a time per builder.
+builder knows, running an action's steps under the builder's lock, and starting a process
+detached from the qrexec call.
 
 Only names that passed the callers' grammar checks reach this module; they are still passed as
 single argv elements, never through a shell.
@@ -20,7 +21,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -31,18 +32,20 @@ DEFAULTS: dict[str, Any] = {
     "logs_directory": "~/builder-github-logs",
     "keyring": "~/.config/qubes-builder-github/trusted-keys-for-commands.gpg",
     "used_commands": "~/.local/state/qubesbuilder/used-commands.json",
+    "triggers_directory": "~/.local/state/qubesbuilder/triggers",
     "callers": [],
     "signers": {},
     "signature_max_age": 86400,
     "max_used_commands": 10000,
     "query_timeout": 120,
 }
-PATHS = ("builders_list", "logs_directory", "keyring", "used_commands")
+PATHS = ("builders_list", "logs_directory", "keyring", "used_commands", "triggers_directory")
 # A component name: what TriggerBuild accepts, and what is taken from a builder's list.
-COMPONENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Every name check is a fullmatch: `$` would let a trailing newline through.
+COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What `make get-var` may print about one builder.
 MAX_QUERY_OUTPUT = 1 << 20
-BUILDERS_LIST_LINE = re.compile(r"^r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+)$")
+BUILDERS_LIST_LINE = re.compile(r"r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+)")
 
 
 def load_config() -> dict[str, Any]:
@@ -112,7 +115,7 @@ def read_builders(path: str) -> list[Builder]:
         return builders
     with open(path, encoding="utf-8") as source:
         for line in source:
-            match = BUILDERS_LIST_LINE.match(line.strip())
+            match = BUILDERS_LIST_LINE.fullmatch(line.strip())
             if match and os.path.isdir(match["dir"]):
                 builders.append(Builder(match["release"], match["dir"]))
     return builders
@@ -144,7 +147,7 @@ def repository_name(url: str) -> str:
 
 def _names(builder: Builder, timeout: float) -> list[str]:
     make = ["make", "-s", "-C", builder.directory, "get-var", "GET_VAR=COMPONENTS"]
-    return [name for name in _query(make, timeout).split() if COMPONENT.match(name)]
+    return [name for name in _query(make, timeout).split() if COMPONENT.fullmatch(name)]
 
 
 def _repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:
@@ -208,11 +211,21 @@ def start_detached(
     log_path: str,
     environment: Mapping[str, str] | None = None,
 ) -> int:
-    """Run steps one after the other (stopping at the first failure) in a new session, under
-    the builder's lock (flock(2) on DIR/builder.lock, as qubes-builder-github's `flock -x`:
-    one action at a time per builder, the others wait their turn), output to log_path, with
-    `environment` (action_environment) added to the service's own.
-    Returns the child's pid at once; the qrexec call does not wait for the build."""
+    """Run steps one after the other (stopping at the first failure) under the builder's lock,
+    output to log_path, with `environment` (action_environment) added to the service's own.
+    Returns the child's pid at once; the qrexec call does not wait for the action."""
+
+    def action() -> int:
+        redirect_output(log_path)
+        with builder_locked(builder):
+            return run_steps(builder, steps, environment or {})
+
+    return fork_detached(action)
+
+
+def fork_detached(child: Callable[[], int]) -> int:
+    """child() in a new process, in a session of its own with nothing of the qrexec call's
+    streams (else the call would last as long as it does); its pid, at once."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -220,13 +233,14 @@ def start_detached(
         return pid
     try:  # the child: it must never return into the caller's code
         os.setsid()
-        _detach_streams(log_path)
-        os._exit(_run_locked(builder, steps, environment or {}))
+        redirect_output(os.devnull)
+        os._exit(child())
     except BaseException:
         os._exit(127)
 
 
-def _detach_streams(log_path: str) -> None:
+def redirect_output(log_path: str) -> None:
+    """stdin from /dev/null, stdout and stderr appended to log_path."""
     ignore_input()
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(log, 1)
@@ -234,27 +248,39 @@ def _detach_streams(log_path: str) -> None:
     os.close(log)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
+    """A time-stamped line of the action's log (stdout, as redirect_output set it)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     os.write(1, f"{stamp} {text}\n".encode("ascii", "replace"))
 
 
-def _run_locked(builder: Builder, steps: Sequence[Step], environment: Mapping[str, str]) -> int:
+@contextlib.contextmanager
+def builder_locked(builder: Builder) -> Iterator[None]:
+    """The builder's lock: flock(2) on DIR/builder.lock, as qubes-builder-github's `flock -x`,
+    one action at a time per builder, the others wait their turn. The lock's descriptor is
+    never passed on (subprocess closes it in the action's programs), so a daemon an action
+    leaves behind does not hold the builder."""
     with open(builder.lock, "a") as lock:
-        _say(f"waiting for {builder.lock}")
+        say(f"waiting for {builder.lock}")
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _say(f"holding {builder.lock}")
-        for step in steps:
-            _say("running " + " ".join(step.argv))
-            code = subprocess.run(
-                step.argv,
-                cwd=builder.directory,
-                env={**os.environ, **environment, **dict(step.environment)},
-                stdin=subprocess.DEVNULL,
-                check=False,
-            ).returncode
-            if code != 0:
-                _say(f"exit {code}: stopping")
-                return code
-        _say("done")
+        yield
+
+
+def run_steps(builder: Builder, steps: Sequence[Step], environment: Mapping[str, str]) -> int:
+    """The steps in the builder's directory, one after the other, until one fails; the caller
+    holds the builder's lock."""
+    say(f"holding {builder.lock}")
+    for step in steps:
+        say("running " + " ".join(step.argv))
+        code = subprocess.run(
+            step.argv,
+            cwd=builder.directory,
+            env={**os.environ, **environment, **dict(step.environment)},
+            stdin=subprocess.DEVNULL,
+            check=False,
+        ).returncode
+        if code != 0:
+            say(f"exit {code}: stopping")
+            return code
+    say("done")
     return 0

@@ -21,25 +21,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# Every rule is matched whole (fullmatch): `$` would let a trailing newline through.
 MAX_MESSAGE_BYTES = 8192
 MAX_COMMAND_BYTES = 255
 BEGIN_MESSAGE = "-----BEGIN PGP SIGNED MESSAGE-----"
 BEGIN_SIGNATURE = "-----BEGIN PGP SIGNATURE-----"
 END_SIGNATURE = "-----END PGP SIGNATURE-----"
-HASH_HEADER = re.compile(r"^Hash: (SHA256|SHA384|SHA512)$")
-ARMOUR_HEADER = re.compile(r"^(Version|Comment): [\x20-\x7e]{0,200}$")
-ARMOUR_LINE = re.compile(r"^[A-Za-z0-9+/]{1,76}={0,2}$")
-ARMOUR_CHECKSUM = re.compile(r"^=[A-Za-z0-9+/]{4}$")
-COMMAND_LINE = re.compile(r"^[A-Za-z0-9_.-]+( [A-Za-z0-9_.-]+)*$")
+HASH_HEADER = re.compile(r"Hash: (SHA256|SHA384|SHA512)")
+ARMOUR_HEADER = re.compile(r"(Version|Comment): [\x20-\x7e]{0,200}")
+ARMOUR_LINE = re.compile(r"[A-Za-z0-9+/]{1,76}={0,2}")
+ARMOUR_CHECKSUM = re.compile(r"=[A-Za-z0-9+/]{4}")
+COMMAND_LINE = re.compile(r"[A-Za-z0-9_.-]+( [A-Za-z0-9_.-]+)*")
 
-RELEASE = re.compile(r"^r[0-9]{1,3}(\.[0-9]{1,3}){1,2}$")
-COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
-TEMPLATE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-DISTRIBUTION = re.compile(r"^(host|vm)-[a-z][A-Za-z0-9_-]{0,63}$")
-TIMESTAMP = re.compile(r"^[0-9]{12}$")
-TEMPLATE_VERSION = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){0,3}-[0-9]{12}$")
-ISO_VERSION = re.compile(r"^[0-9][0-9A-Za-z.-]{0,31}$")
+RELEASE = re.compile(r"r[0-9]{1,3}(\.[0-9]{1,3}){1,2}")
+COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+TEMPLATE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+DISTRIBUTION = re.compile(r"(host|vm)-[a-z][A-Za-z0-9_-]{0,63}")
+TIMESTAMP = re.compile(r"[0-9]{12}")
+TEMPLATE_VERSION = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){0,3}-[0-9]{12}")
+ISO_VERSION = re.compile(r"[0-9][0-9A-Za-z.-]{0,31}")
 COMPONENT_REPOSITORIES = ("current", "security-testing")
 TEMPLATE_REPOSITORIES = ("templates-itl", "templates-community")
 
@@ -75,13 +76,13 @@ def _signature_block(lines: list[str]) -> None:
     if not lines or lines[-1] != END_SIGNATURE:
         raise Malformed(f"the signature block does not end with {END_SIGNATURE}")
     body = lines[:-1]
-    while body and ARMOUR_HEADER.match(body[0]):
+    while body and ARMOUR_HEADER.fullmatch(body[0]):
         body.pop(0)
     if not body or body.pop(0) != "":
         raise Malformed("the signature block has no blank line after its headers")
-    if body and ARMOUR_CHECKSUM.match(body[-1]):
+    if body and ARMOUR_CHECKSUM.fullmatch(body[-1]):
         body.pop()
-    if not body or not all(ARMOUR_LINE.match(line) for line in body):
+    if not body or not all(ARMOUR_LINE.fullmatch(line) for line in body):
         raise Malformed("the signature block is not base64 armour")
 
 
@@ -97,14 +98,14 @@ def parse_message(data: bytes) -> tuple[str, bytes]:
     lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
     if not lines or lines[0] != BEGIN_MESSAGE or BEGIN_SIGNATURE not in lines:
         raise Unsigned("the input is not an inline-signed OpenPGP message")
-    if len(lines) < 5 or not HASH_HEADER.match(lines[1]) or lines[2] != "":
+    if len(lines) < 5 or not HASH_HEADER.fullmatch(lines[1]) or lines[2] != "":
         raise Malformed("the signed message must start with one Hash: header and a blank line")
     if lines[4] != BEGIN_SIGNATURE:
         raise Malformed("the signed text must be exactly one command line")
     command = lines[3]
     if len(command) > MAX_COMMAND_BYTES:
         raise Malformed(f"the command line is over {MAX_COMMAND_BYTES} bytes")
-    if not COMMAND_LINE.match(command) or any(word[0] == "-" for word in command.split(" ")):
+    if not COMMAND_LINE.fullmatch(command) or any(word[0] == "-" for word in command.split(" ")):
         raise Malformed(
             "the command line must be words of [A-Za-z0-9_.-] separated by single spaces,"
             " none starting with '-'"
@@ -114,7 +115,7 @@ def parse_message(data: bytes) -> tuple[str, bytes]:
 
 
 def _check(rule: re.Pattern[str], value: str, what: str) -> str:
-    if not rule.match(value):
+    if not rule.fullmatch(value):
         raise Malformed(f"{what} {value!r} does not match {rule.pattern}")
     return value
 

@@ -1,10 +1,10 @@
 """The build qubes' services on qubesim, called from the net qube as the webhook receiver calls
 them (`qrexec-client-vm -- build-ENV SERVICE`), so dom0's policy and qrexec are in the path:
 TriggerBuild starts a build only in the environment whose builder knows the component, detached
-and one at a time per builder; ProcessGithubCommand runs a maintainer's signed command once and
-refuses every other, saying why. The builders are the world's stand-in of qubes-builder, with
-release configurations of this test (served by the world's git daemon) that give each
-environment its own components."""
+and one at a time per builder, and a flood of triggers leaves one process and one build;
+ProcessGithubCommand runs a maintainer's signed command once and refuses every other, saying
+why. The builders are the world's stand-in of qubes-builder, with release configurations of
+this test (served by the world's git daemon) that give each environment its own components."""
 
 from __future__ import annotations
 
@@ -204,7 +204,8 @@ def test_a_push_builds_only_where_the_builder_knows_the_component(services: Serv
         "from sys-net: no builder knows core-admin: nothing to build"
     )
     assert kernel.action_logs == []
-    assert f"build of core-admin started in {BUILDER} (release 4.2" in fedora.decisions[0]
+    assert f"build of core-admin pending in {BUILDER} (release 4.2" in fedora.decisions[0]
+    assert f"runner of {BUILDER} (release 4.2) started: process " in fedora.decisions[1]
     [output] = fedora.action_logs
     assert output.endswith("-core-admin-4.2.log")
     wait_for_text("build-fedora", f"{LOGS}/{output}", DONE)
@@ -225,7 +226,7 @@ def test_a_push_builds_only_where_the_builder_knows_the_component(services: Serv
 def test_the_repository_name_builds_its_component(services: Services) -> None:
     kernel = call("build-kernel", "qubesbuilder.TriggerBuild+linux-kernel-latest")
     fedora = call("build-fedora", "qubesbuilder.TriggerBuild+linux-kernel-latest")
-    assert "build of linux-kernel started" in kernel.decisions[0]
+    assert "build of linux-kernel pending in" in kernel.decisions[0]
     assert fedora.action_logs == [] and "no builder knows" in fedora.decisions[0]
     wait_for_text("build-kernel", f"{LOGS}/{kernel.action_logs[0]}", DONE)
     assert in_qube("build-kernel", f"test -s {BUILDER}/artifacts/linux-kernel/linux-kernel.tar.asc")
@@ -267,6 +268,62 @@ def test_a_build_waits_for_the_builder_lock_and_the_call_does_not(services: Serv
         as_root("build-fedora", f"pkill -P {pid}; kill {pid}", check=False)
     wait_for_text("build-fedora", f"{LOGS}/{output}", DONE)
     assert in_qube("build-fedora", f"test -s {BUILDER}/artifacts/gui-daemon/gui-daemon.tar")
+
+
+RUNNER = "python3 /usr/local/lib/qubes-infra-build/[t]rigger_build.py"  # [t]: not pgrep's shell
+FLOOD = 50
+
+
+def trigger_processes(qube: str) -> list[str]:
+    """The qube's processes of trigger_build.py (calls in progress and runners)."""
+    return in_qube(qube, f"pgrep -f '{RUNNER}'").stdout.split()
+
+
+def test_a_trigger_flood_leaves_one_process_and_builds_once_after_it(services: Services) -> None:
+    """50 pushes of core-admin from the net qube, at once, while build-fedora's builder is busy:
+    one process waits (the builder's runner, not one per call), one build is pending, and the
+    component is built once when the builder is free (within 180 s)."""
+    deadline = time.monotonic() + 60
+    while trigger_processes("build-fedora"):  # the runners of the tests before
+        assert time.monotonic() < deadline, "a runner of an earlier test never ended"
+        time.sleep(0.5)
+    holder = run_tool(
+        "qvm-run", "--pass-io", "build-fedora",
+        f"setsid flock {BUILDER}/builder.lock sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+    )  # fmt: skip
+    pid = holder.stdout.strip()
+    assert pid.isdigit(), holder.stdout
+    before = log_files("build-fedora")
+    try:
+        calls = in_qube(
+            "sys-net",
+            f"for i in {{1..{FLOOD}}}; do"
+            " (qrexec-client-vm -- build-fedora qubesbuilder.TriggerBuild+core-admin"
+            " || echo refused) & done; wait",
+        )
+        assert calls.returncode == 0 and "refused" not in calls.stdout, calls.stdout
+        [runner] = trigger_processes("build-fedora")
+        new = sorted(log_files("build-fedora") - before)
+        [output] = [name for name in new if name.count("-") > 1]
+        decisions = [name for name in new if name.count("-") == 1]
+        assert len(decisions) == FLOOD
+        text = in_qube("build-fedora", f"cd {LOGS} && cat {' '.join(decisions)}").stdout
+        assert text.count("build of core-admin pending in") == 1
+        assert text.count("build of core-admin already pending in") == FLOOD - 1
+        assert text.count(f"/{output})") == FLOOD
+        assert f"started: process {runner}" in text
+        waiting = wait_for_text("build-fedora", f"{LOGS}/{output}", "waiting for")
+        assert "holding" not in waiting
+    finally:
+        as_root("build-fedora", f"pkill -P {pid}; kill {pid}", check=False)
+    built = wait_for_text("build-fedora", f"{LOGS}/{output}", DONE)
+    assert built.count("scripts/auto-build core-admin") == 1
+    deadline = time.monotonic() + 60
+    while trigger_processes("build-fedora"):
+        assert time.monotonic() < deadline, "the runner never ended"
+        time.sleep(0.5)
+    after = in_qube("build-fedora", f"cat {LOGS}/{output}").stdout
+    assert after.count("scripts/auto-build core-admin") == 1
 
 
 def test_a_signed_upload_runs_once_and_its_copy_is_replayed(services: Services) -> None:

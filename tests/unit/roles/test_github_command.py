@@ -416,6 +416,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
         ("Build-template r4.2 fedora-41 2026010100", "timestamp '2026010100'"),
         ("Upload-template r4.2 fedora-41 4.2.0-2026 templates-itl", "template version"),
         ("Upload-template r4.2 fedora-41 4.2.0-202601010000 current", "not one of templates-itl"),
+        # Each rule is matched whole: a trailing newline is not the end of a word.
+        (f"Upload-component r4.2\n core-admin {COMMIT} current all", "release 'r4.2\\\\n'"),
+        (f"Upload-component r4.2 core-admin\n {COMMIT} current all", "component 'core-admin\\\\n'"),
+        (f"Upload-component r4.2 core-admin {COMMIT}\n current all", "commit"),
+        (f"Upload-component r4.2 core-admin {COMMIT} current vm-a\n", "distribution 'vm-a\\\\n'"),
+        ("Build-template r4.2 fedora-41 202601010000\n", "timestamp '202601010000\\\\n'"),
+        ("Build-template r4.2 fedora-41\n 202601010000", "template 'fedora-41\\\\n'"),
+        ("Build-iso r4.3 4.3.0\n 202601010000", "iso version '4.3.0\\\\n'"),
     ],
 )
 def test_command_grammar(line: str, rule: str) -> None:

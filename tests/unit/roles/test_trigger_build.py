@@ -5,10 +5,13 @@ auto-build that records what it built and can be held until the test lets it fin
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -148,22 +151,85 @@ def built(builder: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def runner_pid(decision: str) -> int:
+    """The process a "runner of DIR ... started: process PID" decision names."""
+    match = re.search(r"runner of .* started: process ([0-9]+)$", decision)
+    assert match, decision
+    return int(match[1])
+
+
+def trigger_processes(qube: Qube) -> list[int]:
+    """The live processes of trigger_build.py run for this qube (calls and runners)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+            environment = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone, or not ours
+        mine = f"BUILD_SERVICES_CONFIG={qube.config}".encode() in environment.split(b"\0")
+        if str(TRIGGER).encode() in command and mine and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def pending_builds(qube: Qube) -> list[str]:
+    """The pending builds of every builder, as builder-key/component."""
+    root = qube.home / ".local/state/qubesbuilder/triggers"
+    return sorted(f"{p.parent.parent.name}/{p.name}" for p in root.glob("*/pending/*"))
+
+
+@contextlib.contextmanager
+def holding_lock(builder: Path) -> Iterator[None]:
+    """The builder's lock, held by the test as another action would hold it."""
+    with open(builder / "builder.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def flood(qube: Qube, component: str, calls: int) -> None:
+    """`calls` triggers of component at once, as a hostile net qube may send them."""
+    environment = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(qube.home),
+        "BUILD_SERVICES_CONFIG": str(qube.config),
+        "QREXEC_REMOTE_DOMAIN": "sys-net",
+    }
+    started = [
+        subprocess.Popen(
+            ["python3", str(TRIGGER), component],
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(calls)
+    ]
+    assert [call.wait(timeout=120) for call in started] == [0] * calls
+
+
 def test_a_build_starts_detached_in_the_builder_that_knows_the_component(
     qube: Qube, builders: tuple[Path, Path]
 ) -> None:
     first, second = builders
     result = qube.call(TRIGGER, "core-admin")
     assert result.returncode == 0 and result.stdout == b"", result.stderr
-    # The call returned while the build still waits for the test: it runs detached.
+    pending, runner = qube.decisions()
+    assert f"from sys-net: build of core-admin pending in {first} (release 4.2, log " in pending
+    assert runner.endswith(f"runner of {first} (release 4.2) started: process {runner_pid(runner)}")
+    # The call returned with its build's log made, while the build still waits for the test:
+    # it runs detached.
+    [output] = qube.action_logs()
+    assert output.name.endswith("-core-admin-4.2.log") and str(output) in pending
     wait_for(lambda: built(first) == ["start core-admin"], "the build")
     assert built(second) == []
     (first / "release-core-admin").touch()
     wait_for(lambda: built(first) == ["start core-admin", "end core-admin"], "the end")
-    [decision] = qube.decisions()
-    assert f"build of core-admin started in {first} (release 4.2" in decision
-    [output] = qube.action_logs()
-    assert output.name.endswith("-core-admin-4.2.log")
     wait_for(lambda: "done" in output.read_text(), "the build's last log line")
+    wait_for(lambda: trigger_processes(qube) == [], "the runner's end")
 
 
 def test_the_repository_name_finds_its_component(qube: Qube, builders: tuple[Path, Path]) -> None:
@@ -226,12 +292,13 @@ def test_one_build_at_a_time_per_builder(qube: Qube, builders: tuple[Path, Path]
     wait_for(lambda: built(first) == ["start core-admin"], "the first build")
     assert qube.call(TRIGGER, "linux-kernel").returncode == 0
     second_log = next(p for p in qube.action_logs() if "linux-kernel" in p.name)
-    wait_for(lambda: "waiting for" in second_log.read_text(), "the second build's wait")
+    assert "runner of" not in qube.decisions()[-1]  # the builder's runner takes it
     assert "holding" not in second_log.read_text()
     assert built(first) == ["start core-admin"]
     (first / "release-core-admin").touch()
     wait_for(lambda: built(first)[-1:] == ["start linux-kernel"], "the second build")
     assert built(first) == ["start core-admin", "end core-admin", "start linux-kernel"]
+    assert "holding" in second_log.read_text()
 
 
 def test_a_build_waits_for_whoever_holds_the_builder_lock(
@@ -285,3 +352,112 @@ def test_the_build_runs_with_the_build_log_command(
     written = builder / "log-command"
     wait_for(written.exists, "the build")
     wait_for(lambda: written.read_text() == f"{seen}\n", "the whole line")
+
+
+def test_a_flood_of_triggers_leaves_one_runner_and_one_pending_build(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    """50 triggers of a component at once, while its builder is busy: one process is left (the
+    builder's runner), one build is pending, and it runs once when the builder is free."""
+    first, _ = builders
+    with holding_lock(first):
+        flood(qube, "core-admin", 50)
+        decisions = qube.decisions()
+        assert sum("build of core-admin pending in" in line for line in decisions) == 1
+        assert sum("build of core-admin already pending in" in line for line in decisions) == 49
+        [started] = [line for line in decisions if "runner of" in line]
+        assert trigger_processes(qube) == [runner_pid(started)]
+        [pending] = pending_builds(qube)
+        assert pending.endswith("/core-admin")
+        [output] = qube.action_logs()
+        assert all(str(output) in line for line in decisions if "core-admin" in line)
+        wait_for(lambda: "waiting for" in output.read_text(), "the runner's wait")
+        assert built(first) == []
+    (first / "release-core-admin").touch()
+    wait_for(lambda: trigger_processes(qube) == [], "the runner's end")
+    assert built(first) == ["start core-admin", "end core-admin"]
+    assert pending_builds(qube) == []
+
+
+def test_a_trigger_during_its_build_builds_it_again_after(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    """The running build may have fetched the sources before the push: triggers that come while
+    it runs make one more build, after it."""
+    first, _ = builders
+    assert qube.call(TRIGGER, "core-admin").returncode == 0
+    wait_for(lambda: built(first) == ["start core-admin"], "the first build")
+    assert pending_builds(qube) == []  # it left the pending set before it started
+    assert qube.call(TRIGGER, "core-admin").returncode == 0
+    assert qube.call(TRIGGER, "core-admin").returncode == 0
+    decisions = qube.decisions()
+    assert "build of core-admin pending in" in decisions[-2]
+    assert "build of core-admin already pending in" in decisions[-1]
+    assert len(trigger_processes(qube)) == 1
+    (first / "release-core-admin").touch()
+    wait_for(lambda: trigger_processes(qube) == [], "the runner's end")
+    assert built(first) == ["start core-admin", "end core-admin"] * 2
+    first_log, second_log = qube.action_logs()
+    assert first_log.read_text().count("done") == second_log.read_text().count("done") == 1
+
+
+def test_the_pending_builds_of_a_killed_runner_are_built_after_the_next_trigger(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    """A runner killed while it waits for the builder leaves its pending builds; the next call
+    of the qube, whatever component it names, starts a runner for them."""
+    first, second = builders
+    with holding_lock(first):
+        assert qube.call(TRIGGER, "core-admin").returncode == 0
+        assert qube.call(TRIGGER, "linux-kernel").returncode == 0
+        killed = runner_pid(qube.decisions()[1])
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: trigger_processes(qube) == [], "the runner's death")
+        assert [p.rsplit("/", 1)[1] for p in pending_builds(qube)] == ["core-admin", "linux-kernel"]
+        (second / "release-gui-daemon").touch()
+        assert qube.call(TRIGGER, "gui-daemon").returncode == 0
+        restarted = [line for line in qube.decisions()[-3:] if f"runner of {first} " in line]
+        assert len(restarted) == 1 and runner_pid(restarted[0]) != killed
+    (first / "release-core-admin").touch()
+    (first / "release-linux-kernel").touch()
+    wait_for(lambda: trigger_processes(qube) == [], "the runners' end")
+    assert built(first) == [
+        "start core-admin", "end core-admin", "start linux-kernel", "end linux-kernel"
+    ]  # fmt: skip
+    assert built(second) == ["start gui-daemon", "end gui-daemon"]
+
+
+def test_one_runner_builds_the_components_of_its_builder_in_the_order_they_came(
+    qube: Qube, builders: tuple[Path, Path]
+) -> None:
+    """Several components pending in one builder: one runner builds each once, oldest first,
+    while another builder's runner builds its own beside it."""
+    first, second = builders
+    for name in ("core-admin", "linux-kernel"):
+        (first / f"release-{name}").touch()
+    (second / "release-gui-daemon").touch()
+    with holding_lock(first):
+        for name in ("linux-kernel", "core-admin", "linux-kernel-latest", "core-admin"):
+            assert qube.call(TRIGGER, name).returncode == 0
+        assert len(pending_builds(qube)) == 2
+        assert qube.call(TRIGGER, "gui-daemon").returncode == 0
+        wait_for(lambda: built(second) == ["start gui-daemon", "end gui-daemon"], "gui-daemon")
+        assert built(first) == []
+        assert len(trigger_processes(qube)) == 1
+    wait_for(lambda: trigger_processes(qube) == [], "the runner's end")
+    assert built(first) == [
+        "start linux-kernel", "end linux-kernel", "start core-admin", "end core-admin"
+    ]  # fmt: skip
+    assert sum("runner of" in line for line in qube.decisions()) == 2
+
+
+@pytest.mark.parametrize("name", ["core-admin\n", "core-admin\r", "\ncore-admin"])
+def test_a_name_with_a_line_end_is_refused(
+    qube: Qube, builders: tuple[Path, Path], name: str
+) -> None:
+    """The name is matched whole: a trailing newline does not pass as the end of the name."""
+    result = qube.call(TRIGGER, name)
+    assert result.returncode == 1
+    [decision] = qube.decisions()
+    assert "malformed argument" in decision and "outside [A-Za-z0-9_-]" in decision
+    assert pending_builds(qube) == []
