@@ -284,6 +284,15 @@ def build_rows(
 
 
 # -- logs qubes ------------------------------------------------------------------------------------
+def set_aside_row(qube: str, facts: Mapping[str, Any]) -> Row:
+    """Logs the logs repository refused, which the build_logs role keeps for an operator."""
+    names = [name for name in fact(facts, "set_aside").splitlines() if name.strip()]
+    first = shown(names[0]) if names else ""
+    return check(qube, "set-aside logs", not names, "none",
+                 f"{len(names)} refused by the logs repository, kept in .set-aside/ (first:"
+                 f" {first}): see 'A set-aside log' in the build_logs role's README")  # fmt: skip
+
+
 def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) -> list[Row]:
     key = str(expect.get("logs_key") or "").upper()
     public = bool(key) and key in fingerprints(fact(facts, "public_keys"), "pub")
@@ -300,6 +309,7 @@ def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) ->
         check(qube, "deploy key", mode == "600", "~/.ssh/build-logs-deploy-key, mode 0600",
               f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
               " build_logs_deploy_key and run the build_logs role (it writes it 0600)"),
+        set_aside_row(qube, facts),
     ]  # fmt: skip
 
 
