@@ -16,7 +16,7 @@ from typing import Any
 
 MAX_FACT = 65536  # characters of one fact a qube can make dom0 look at
 MAX_SHOWN = 60  # characters of a qube's text shown in the table
-FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 CONF_VARIABLES = (
     "NO_SIGN",
     "SIGN_KEY",
@@ -59,7 +59,7 @@ def fingerprints(listing: str, record: str = "sec") -> list[str]:
             primary = fields[0] == record
         elif fields[0] == "fpr" and primary and len(fields) > 9:
             candidate = fields[9].upper()
-            if FINGERPRINT.match(candidate):
+            if FINGERPRINT.fullmatch(candidate):
                 found.append(candidate)
             primary = False
     return found
