@@ -259,8 +259,9 @@ def _age(name: str) -> tuple[str, int, str]:
 
 
 def _usage(folder: str) -> dict[str, int]:
+    """The size of each file under folder, by path."""
     sizes = {}
-    for directory, _, files in os.walk(folder):
+    for directory, _folders, files in os.walk(folder):
         for file in files:
             path = os.path.join(directory, file)
             with contextlib.suppress(OSError):
