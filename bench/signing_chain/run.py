@@ -9,17 +9,26 @@ measures side by side:
 * the receiver's peak memory while it stores those lines, measured in the logs qube;
 * the time from the end of a build (its log's input closed) to the open signing window in
   keys-fedora, which is when the BuildLog call returns (stored, committed, pushed, announced).
+
+`--baseline FILE` measures another receiver program (say an earlier version,
+`git show REV:roles/build_logs/files/build_log_receiver.py`) in the same run, the same way:
+through qrexec into its stored file (in a scratch folder, so it publishes nothing), and its
+peak memory.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = "inventory/qubesim/build_infra.yml"
+PROGRAMS = "/usr/local/lib/qubes-infra-build"
+RECEIVER = f"{PROGRAMS}/build_log_receiver.py"
+BASELINE = f"{PROGRAMS}/bench_baseline_receiver.py"
+SCRATCH_CONFIG = "/home/user/bench.json"
 GIB = 1 << 30
 LINE = 100
 # In the build qube: write SIZE bytes of numbered lines to the command, report seconds elapsed.
@@ -46,7 +55,7 @@ chunk = b"".join(b"%0*d\n" % (line - 1, n) for n in range(1 << 14))
 environment = {**os.environ, "QREXEC_REMOTE_DOMAIN": "build-fedora"}
 environment["BUILD_LOGS_CONFIG"] = sys.argv[3]
 receiver = subprocess.Popen(
-    ["python3", "/usr/local/lib/qubes-infra-build/build_log_receiver.py"],
+    ["python3", sys.argv[4]],
     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment,
 )
 sent = 0
@@ -66,9 +75,9 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def in_qube(qube: str, command: str, *, user: str | None = None) -> str:
+def in_qube(qube: str, command: str, *, user: str | None = None, input: str | None = None) -> str:
     argv = ["qvm-run", "--pass-io", *(["--user", user] if user else []), qube, command]
-    return run(argv).stdout
+    return run(argv, input=input).stdout
 
 
 def python_in(qube: str, program: str, *arguments: str) -> str:
@@ -90,7 +99,9 @@ def converge() -> None:
     )
 
 
-def through_qrexec(service_target: str, service: str, size: int) -> tuple[float, float]:
+def through_qrexec(
+    service_target: str, service: str, size: int, *, must_succeed: bool = True
+) -> tuple[float, float]:
     """Seconds build-fedora takes to push size bytes of lines into a qrexec service (the input,
     which the service takes as fast as it stores it), then until the call returns."""
     answer = python_in(
@@ -102,22 +113,42 @@ def through_qrexec(service_target: str, service: str, size: int) -> tuple[float,
         service_target,
         service,
     ).split()
-    if answer[2] != "0":
+    if must_succeed and answer[2] != "0":
         raise SystemExit(f"{service} exited {answer[2]}")
     return float(answer[0]), float(answer[1])
 
 
-def floor_service() -> None:
-    """A qrexec service in the logs qube that only reads its input, and the policy to reach it."""
+def scratch_settings() -> None:
+    """Settings that store into a scratch folder (no repository: nothing is published), plain."""
+    settings = (
+        '{"directory": "/home/user/bench-logs", "compress_above_bytes": 1099511627776,'
+        ' "max_stored_bytes": 1099511627776}'
+    )
     in_qube(
         "build-logs",
-        "printf '#!/bin/sh\\nexec cat >/dev/null\\n' > /usr/local/etc/qubes-rpc/bench.Sink"
-        " && chmod 0755 /usr/local/etc/qubes-rpc/bench.Sink",
-        user="root",
+        f"rm -rf ~/bench-logs; mkdir ~/bench-logs; echo '{settings}' > {SCRATCH_CONFIG}",
     )
+
+
+def bench_services(baseline: Path | None) -> None:
+    """In the logs qube, qrexec services that only read their input (the floor) and, with a
+    baseline, that store it with the baseline receiver; the policy to reach them."""
+    services = {"bench.Sink": "exec cat >/dev/null"}
+    if baseline is not None:
+        in_qube("build-logs", f"cat > {BASELINE}", user="root", input=baseline.read_text())
+        services["bench.Baseline"] = f"BUILD_LOGS_CONFIG={SCRATCH_CONFIG} exec python3 {BASELINE}"
+    for service, command in services.items():
+        path = f"/usr/local/etc/qubes-rpc/{service}"
+        in_qube("build-logs", f"cat > {path} && chmod 0755 {path}", user="root",
+                input=f"#!/bin/sh\n{command}\n")  # fmt: skip
     Path("/etc/qubes/policy.d/10-bench.policy").write_text(
-        "bench.Sink * build-fedora build-logs allow\n"
+        "".join(f"{service} * build-fedora build-logs allow\n" for service in services)
     )
+
+
+def remove_bench_services() -> None:
+    Path("/etc/qubes/policy.d/10-bench.policy").unlink(missing_ok=True)
+    in_qube("build-logs", "rm -f /usr/local/etc/qubes-rpc/bench.* " + BASELINE, user="root")
 
 
 def window_after_build() -> float:
@@ -134,35 +165,48 @@ def window_after_build() -> float:
     return float(answer[1])
 
 
-def receiver_peak_kib(size: int) -> int:
-    """The receiver alone in the logs qube, storing size bytes into a scratch folder."""
-    settings = '{"directory": "/home/user/bench-logs", "compress_above_bytes": 1099511627776}'
-    config = "/home/user/bench.json"
-    in_qube("build-logs", f"rm -rf ~/bench-logs; mkdir ~/bench-logs; echo '{settings}' > {config}")
-    peak = int(python_in("build-logs", MEASURE_RECEIVER, str(size), str(LINE), config))
-    in_qube("build-logs", "rm -rf ~/bench-logs ~/bench.json")
-    return peak
+def receiver_peak_kib(size: int, program: str) -> int:
+    """A receiver program alone in the logs qube, storing size bytes into a scratch folder."""
+    scratch_settings()
+    return int(python_in("build-logs", MEASURE_RECEIVER, str(size), str(LINE), SCRATCH_CONFIG,
+                         program))  # fmt: skip
 
 
 def main() -> int:
-    size = int(sys.argv[1]) if len(sys.argv) > 1 else GIB
+    parser = argparse.ArgumentParser(description="Benchmark of the signing chain's log path.")
+    parser.add_argument("size", nargs="?", type=int, default=GIB, help="bytes of build output")
+    parser.add_argument("--baseline", type=Path, help="another receiver program to measure")
+    options = parser.parse_args()
+    size, baseline = options.size, options.baseline
     converge()
-    floor_service()
+    bench_services(baseline)
+    scratch_settings()
     try:
         floor, _ = through_qrexec("build-logs", "bench.Sink", size)
         stored, published = through_qrexec("dom0", "qubesbuilder.BuildLog", size)
+        if baseline is not None:
+            # Its publishing step fails in the scratch folder, after it stored the log.
+            before, _ = through_qrexec("build-logs", "bench.Baseline", size, must_succeed=False)
+            scratch_settings()
+        peak = receiver_peak_kib(size, RECEIVER)
+        baseline_peak = receiver_peak_kib(size, BASELINE) if baseline is not None else 0
     finally:
-        Path("/etc/qubes/policy.d/10-bench.policy").unlink(missing_ok=True)
-        in_qube("build-logs", "rm -f /usr/local/etc/qubes-rpc/bench.Sink", user="root")
-    peak = receiver_peak_kib(size)
+        remove_bench_services()
+        in_qube("build-logs", f"rm -rf ~/bench-logs {SCRATCH_CONFIG}")
     window = min(window_after_build() for _ in range(3))
     mib = size / (1 << 20)
     print(f"log path, {mib:.0f} MiB of {LINE}-byte lines from build-fedora:")
     print(f"  qrexec into cat (floor)         {floor:8.1f} s  {mib / floor:8.1f} MiB/s")
     print(f"  qrexec into BuildLog's file     {stored:8.1f} s  {mib / stored:8.1f} MiB/s")
     print(f"  BuildLog / floor                {stored / floor:8.2f}x the time")
+    if baseline is not None:
+        print(f"  qrexec into the baseline's file {before:8.1f} s  {mib / before:8.1f} MiB/s"
+              f"  ({baseline})")  # fmt: skip
+        print(f"  baseline / floor                {before / floor:8.2f}x the time")
     print(f"  then compressed, committed, pushed, announced in {published:.1f} s")
     print(f"  receiver peak memory            {peak / 1024:8.1f} MiB")
+    if baseline is not None:
+        print(f"  baseline's peak memory          {baseline_peak / 1024:8.1f} MiB")
     print(f"  end of a build -> signing window open: {window:.2f} s (best of 3)")
     return 0
 

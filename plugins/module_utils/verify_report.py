@@ -16,7 +16,7 @@ from typing import Any
 
 MAX_FACT = 65536  # characters of one fact a qube can make dom0 look at
 MAX_SHOWN = 60  # characters of a qube's text shown in the table
-FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 CONF_VARIABLES = (
     "NO_SIGN",
     "SIGN_KEY",
@@ -59,7 +59,7 @@ def fingerprints(listing: str, record: str = "sec") -> list[str]:
             primary = fields[0] == record
         elif fields[0] == "fpr" and primary and len(fields) > 9:
             candidate = fields[9].upper()
-            if FINGERPRINT.match(candidate):
+            if FINGERPRINT.fullmatch(candidate):
                 found.append(candidate)
             primary = False
     return found
@@ -284,6 +284,15 @@ def build_rows(
 
 
 # -- logs qubes ------------------------------------------------------------------------------------
+def set_aside_row(qube: str, facts: Mapping[str, Any]) -> Row:
+    """Logs the logs repository refused, which the build_logs role keeps for an operator."""
+    names = [name for name in fact(facts, "set_aside").splitlines() if name.strip()]
+    first = shown(names[0]) if names else ""
+    return check(qube, "set-aside logs", not names, "none",
+                 f"{len(names)} refused by the logs repository, kept in .set-aside/ (first:"
+                 f" {first}): see 'A set-aside log' in the build_logs role's README")  # fmt: skip
+
+
 def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) -> list[Row]:
     key = str(expect.get("logs_key") or "").upper()
     public = bool(key) and key in fingerprints(fact(facts, "public_keys"), "pub")
@@ -300,6 +309,7 @@ def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) ->
         check(qube, "deploy key", mode == "600", "~/.ssh/build-logs-deploy-key, mode 0600",
               f"~/.ssh/build-logs-deploy-key {f'mode {mode}' if mode else 'missing'}: give"
               " build_logs_deploy_key and run the build_logs role (it writes it 0600)"),
+        set_aside_row(qube, facts),
     ]  # fmt: skip
 
 

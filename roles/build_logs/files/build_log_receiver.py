@@ -7,37 +7,50 @@ the build qubes' calls to dom0 here. The caller is the qrexec source
 sub-folder.
 
 Compatible with qubes-builder's receiver (file names, line format, frames, the stored name
-printed back) and stricter: every line is on disk before the next one is read, so a build killed
-mid-stream leaves every line it sent; line length and total size are bounded with an explicit
-marker; the publishing step (signed commit, push, then telling the keys qube) is our own program,
-never a hook from the repository, and its failure is the caller's exit code.
+printed back) and stricter: whatever the build qube sent is on disk before the receiver waits
+for more (each read's complete lines are written, in one write, before the next read), so a
+build killed mid-stream leaves every line it sent; line length and total size are bounded with
+an explicit marker; the stored file (compressed when large) is capped below the remote's file
+limit, cut with a marker past it; the publishing step (signed commit, push, then telling the
+keys qube) is our own program, never a hook from the repository, and its failure is the
+caller's exit code.
+
+Bounds a caller can make this process use: one read (64 KiB) plus one unfinished line
+(max_line_bytes) of memory; max_log_bytes of plain text on disk while it streams, then at most
+max_stored_bytes once stored.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import lzma
 import os
 import re
-import shutil
 import sys
 import time
-from typing import Any, BinaryIO
+from collections.abc import Iterator
 
 # Installed side by side with its publishing step.
-from build_log_publisher import PublishError, load_config, publish
+from build_log_publisher import QUBE_NAME, PublishError, load_config, publish
 
-QUBE_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,30}$")
 SUB_FOLDER_UNSAFE = re.compile(rb"[^A-Za-z0-9_-]")
 # Bytes a log line keeps: printable ASCII; everything else (escapes, NUL, UTF-8) becomes '.'.
-PRINTABLE = bytes(b if 0x20 <= b <= 0x7E else ord(".") for b in range(256))
+# LF is kept here only to split lines after translating a whole read at once.
+PRINTABLE = bytes(b if 0x20 <= b <= 0x7E or b == 0x0A else ord(".") for b in range(256))
 READ_CHUNK = 1 << 16
 LINE_TRUNCATED = b" [line truncated]"
+LOG_TRUNCATED = b"> log truncated: size limit reached"
+STORED_TRUNCATED = b"> log truncated: stored size limit reached"
+# Compressed bytes the xz encoder may still hold (an LZMA2 chunk is at most 64 KiB compressed),
+# plus the container's trailer and the closing lines: kept free under max_stored_bytes.
+XZ_RESERVE = 1 << 17
+XZ_PIECE = 1 << 16
 
 
 def caller() -> str:
     source = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
-    if not QUBE_NAME.match(source):
+    if not QUBE_NAME.fullmatch(source):
         raise SystemExit("qubesbuilder.BuildLog: no valid caller (QREXEC_REMOTE_DOMAIN)")
     return source
 
@@ -49,21 +62,30 @@ def sub_folder(argv: list[str]) -> str:
 
 
 def create_log(directory: str, started: datetime.datetime) -> tuple[str, int]:
-    """A new file log_<start time>[.N] in directory, created exclusively."""
+    """A new file log_<start time>[.N] in directory, created exclusively and locked: the
+    publishing step leaves a locked file alone (it is being written)."""
     os.makedirs(directory, mode=0o750, exist_ok=True)
     base = os.path.join(directory, started.strftime("log_%Y-%m-%d_%H-%M-%S"))
     for attempt in range(1000):
         path = base if attempt == 0 else f"{base}.{attempt}"
         try:
-            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileExistsError:
             continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return path, fd
     raise SystemExit(f"qubesbuilder.BuildLog: too many logs named {base}")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class LogWriter:
-    """Writes prefixed lines, each with one write() call; log lines up to a total size, after
-    which one marker says so (the start and close frames are always written)."""
+    """Writes prefixed lines, a batch with one write() call; log lines up to a total size,
+    after which one marker says so (the start and close frames are always written)."""
 
     def __init__(self, fd: int, source: str, max_bytes: int) -> None:
         self.fd = fd
@@ -73,75 +95,114 @@ class LogWriter:
         self._second = -1
         self._stamp = b""
 
-    def _record(self, text: bytes) -> bytes:
-        """`<UTC %Y-%m-%d %H:%M:%S.%f> +0000 <source>: <text>`; the date is formatted once a
-        second, since this runs for every line."""
+    def _head(self) -> bytes:
+        """`<UTC %Y-%m-%d %H:%M:%S.%f> +0000 <source>: `; the date is formatted once a second."""
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second)).encode("ascii")
-        micro = int((now - second) * 1_000_000)
-        return b"%s.%06d%s%s\n" % (self._stamp, micro, self.prefix, text)
+        return b"%s.%06d%s" % (self._stamp, int((now - second) * 1_000_000), self.prefix)
 
-    def _write(self, record: bytes) -> None:
-        view = memoryview(record)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        self.remaining -= len(record)
+    def record(self, text: bytes) -> bytes:
+        return self._head() + text + b"\n"
+
+    def _write(self, data: bytes) -> None:
+        write_all(self.fd, data)
+        self.remaining -= len(data)
 
     def frame(self, text: bytes) -> None:
-        self._write(self._record(text))
+        self._write(self.record(text))
 
-    def line(self, text: bytes) -> None:
+    def lines(self, texts: list[bytes]) -> None:
+        """Lines received together: one time stamp (when they arrived), one write."""
         if self.full:
             return
-        record = self._record(text)
-        if len(record) > self.remaining:
-            self.full = True
-            record = self._record(b"> log truncated: size limit reached")
-        self._write(record)
+        head = self._head()
+        batch = head + (b"\n" + head).join(texts) + b"\n"
+        if len(batch) <= self.remaining:
+            self._write(batch)
+            return
+        # The size limit falls inside this batch: the lines that fit, then the marker.
+        kept = []
+        room = self.remaining
+        for text in texts:
+            room -= len(head) + len(text) + 1
+            if room < 0:
+                break
+            kept.append(head + text + b"\n")
+        self.full = True
+        self._write(b"".join(kept) + head + LOG_TRUNCATED + b"\n")
 
 
-def read_lines(stream: BinaryIO, max_line: int) -> Any:
-    """Lines of stream without their LF, each cut at max_line bytes (then marked), sanitised."""
+def _cut(text: bytes, max_line: int) -> bytes:
+    return text if len(text) <= max_line else text[:max_line] + LINE_TRUNCATED
+
+
+def read_batches(fd: int, max_line: int) -> Iterator[list[bytes]]:
+    """The complete lines of each read of fd, without their LF, sanitised, each cut at
+    max_line bytes (then marked); the last line may lack its LF. Holds at most one unfinished
+    line of max_line bytes between reads: the rest of a longer one is dropped unread."""
+    pending = b""
+    dropping = False  # inside a line already cut: skip to its LF
     while True:
-        line = stream.readline(max_line + 1)
-        if not line:
-            return
-        if line.endswith(b"\n"):
-            yield line[:-1].translate(PRINTABLE)
-            continue
-        if len(line) <= max_line:  # the last line, without LF
-            yield line.translate(PRINTABLE)
-            return
-        yield line[:max_line].translate(PRINTABLE) + LINE_TRUNCATED
-        # Drop the rest of the long line without holding it.
-        rest = line[max_line:]
-        while not rest.endswith(b"\n"):
-            rest = stream.readline(READ_CHUNK)
-            if not rest:
-                return
+        data = os.read(fd, READ_CHUNK)
+        if not data:
+            break
+        if dropping:
+            end = data.find(b"\n")
+            if end < 0:
+                continue
+            data, dropping = data[end + 1 :], False
+        texts = (pending + data).translate(PRINTABLE).split(b"\n")
+        pending = texts.pop()
+        if len(pending) > max_line:
+            texts.append(pending)
+            pending, dropping = b"", True
+        if texts:
+            if max(map(len, texts)) > max_line:
+                texts = [_cut(text, max_line) for text in texts]
+            yield texts
+    if pending:
+        yield [pending]
 
 
-def receive(stream: BinaryIO, fd: int, source: str, config: dict[str, Any]) -> None:
-    writer = LogWriter(fd, source, int(config["max_log_bytes"]))
+def receive(fd_in: int, writer: LogWriter, max_line: int) -> None:
     writer.frame(b"> starting log")
-    for line in read_lines(stream, int(config["max_line_bytes"])):
-        writer.line(line)
+    for texts in read_batches(fd_in, max_line):
+        writer.lines(texts)
     writer.frame(b"> closing log")
 
 
-def compress(path: str) -> str:
-    """path.xz in place of path; streams, so memory stays small whatever the size."""
+def compress(path: str, writer: LogWriter, max_bytes: int) -> tuple[str, int, bool]:
+    """path.xz (created and locked) in place of path, at most max_bytes: past that the log is
+    cut at a line and closed with a marker. Streams, so memory stays small whatever the size.
+    Returns the new path, its open descriptor (the lock) and whether the log was cut."""
     target = path + ".xz"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.fchmod(fd, 0o640)
     # A fast preset: build logs are repetitive text, and the build waits for this before it
     # may sign; the last percent of size is not worth minutes.
-    with open(path, "rb") as plain, lzma.open(target, "wb", preset=1) as packed:
-        shutil.copyfileobj(plain, packed, 1 << 20)
-    os.chmod(target, 0o640)
+    packer = lzma.LZMACompressor(preset=1)
+    written, cut, carry = 0, False, b""
+    with open(path, "rb") as plain:
+        while piece := carry + plain.read(XZ_PIECE):
+            end = piece.rfind(b"\n") + 1 or len(piece)
+            piece, carry = piece[:end], piece[end:]
+            # Worst case the piece does not shrink at all.
+            if written + len(piece) + XZ_RESERVE > max_bytes:
+                cut = True
+                break
+            packed = packer.compress(piece)
+            write_all(fd, packed)
+            written += len(packed)
+    if cut:
+        tail = writer.record(STORED_TRUNCATED) + writer.record(b"> closing log")
+        write_all(fd, packer.compress(tail))
+    write_all(fd, packer.flush())
     os.unlink(path)
-    return target
+    return target, fd, cut
 
 
 def main(argv: list[str]) -> int:
@@ -151,21 +212,31 @@ def main(argv: list[str]) -> int:
     folder = os.path.join(root, source, sub_folder(argv))
     started = datetime.datetime.now(datetime.UTC)
     path, fd = create_log(os.path.normpath(folder), started)
+    writer = LogWriter(fd, source, int(config["max_log_bytes"]))
+    max_stored = int(config["max_stored_bytes"])
     try:
-        receive(sys.stdin.buffer, fd, source, config)
+        receive(sys.stdin.fileno(), writer, int(config["max_line_bytes"]))
+        size = os.fstat(fd).st_size
+        if size > min(int(config["compress_above_bytes"]), max_stored):
+            path, lock, cut = compress(path, writer, max_stored)
+            os.close(fd)
+            fd = lock
+            if cut:
+                sys.stderr.write(
+                    f"qubesbuilder.BuildLog: the log was cut at {max_stored} bytes stored"
+                    " (build_logs_max_stored_bytes)\n"
+                )
+        # The stored name goes back to the build qube first, as qubes-builder's receiver does.
+        sys.stdout.write(os.path.relpath(path, root) + "\n")
+        sys.stdout.flush()
+        try:
+            publish(path, source, config)
+        except PublishError as error:
+            sys.stderr.write(f"qubesbuilder.BuildLog: {error}\n")
+            return 1
+        return 0
     finally:
         os.close(fd)
-    if os.path.getsize(path) > int(config["compress_above_bytes"]):
-        path = compress(path)
-    # The stored name goes back to the build qube first, as qubes-builder's receiver does.
-    sys.stdout.write(os.path.relpath(path, root) + "\n")
-    sys.stdout.flush()
-    try:
-        publish(path, source, config)
-    except PublishError as error:
-        sys.stderr.write(f"qubesbuilder.BuildLog: {error}\n")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def baseline(chain: Chain) -> Report:
 
 def test_the_converged_example_passes_every_check(baseline: Report) -> None:
     assert baseline.failed == {}
-    assert "all 36 checks ok" in baseline.output
+    assert "all 37 checks ok" in baseline.output
     for qube in ("build-fedora", "build-kernel"):
         for check in (
             "no other secret key",
@@ -84,7 +84,7 @@ def test_the_converged_example_passes_every_check(baseline: Report) -> None:
         ):
             assert baseline.rows[(qube, check)][0] == "ok"
     for check in ("logs key public, trusted", "logs key secret", "no other secret key",
-                  "deploy key"):  # fmt: skip
+                  "deploy key", "set-aside logs"):  # fmt: skip
         assert baseline.rows[("build-logs", check)][0] == "ok"
     assert baseline.rows[("keys-fedora", "signing key")][0] == "ok"
     assert baseline.rows[("dom0", "private volume build-fedora")] == ("ok", "20GiB")
