@@ -205,16 +205,18 @@ class Queue:
     def pending(self) -> list[str]:
         return _pending(self.directory)
 
-    def offer(self, event: Event) -> tuple[bool, list[Event]]:
-        """Link event into the queue: (False when it was folded into a pending one or is here
-        already, the events dropped to make room, oldest first)."""
+    def offer(self, event: Event) -> tuple[str, list[Event]]:
+        """Link event into the queue: (`queued`, `coalesced` into a pending trigger of its
+        component, or `present` already; the events dropped to make room, oldest first)."""
         target = os.path.join(self.directory, event.name)
         if event.name.startswith(COMMAND_PREFIX) and os.path.lexists(
             os.path.join(self.active, event.name)
         ):
-            return False, []  # handed over before a crash, being delivered
+            return "present", []  # handed over before a crash, being delivered
         if os.path.lexists(target):
-            return False, []  # a trigger pending for this component takes this push in
+            if os.path.samefile(target, event.path):
+                return "present", []  # handed over before a crash
+            return "coalesced", []
         pending = self.pending()
         excess = max(0, len(pending) + 1 - self.max_events)
         dropped = [load(os.path.join(self.directory, name), self.max_bytes)
@@ -224,7 +226,7 @@ class Queue:
                 os.unlink(old.path)
         os.link(event.path, target)
         _fsync_folder(self.directory)
-        return True, dropped
+        return "queued", dropped
 
     def take(self) -> Event | None:
         """The next event to deliver, moved to active/ (an interrupted delivery comes first). A

@@ -273,7 +273,16 @@ class Worker:
                 self.spool.handed_over(event)
                 continue
             for vm in vms:
-                queued, dropped = self.queue(vm).offer(event)
+                outcome, dropped = self.queue(vm).offer(event)
+                if outcome == "coalesced":
+                    self.log.write(
+                        worker="queue",
+                        qube=vm,
+                        delivery=event.content.get("delivery", ""),
+                        component=event.content.get("component", ""),
+                        decision="coalesced",
+                        reason="a trigger of this component waits for this qube",
+                    )
                 for old in dropped:
                     self.log.write(
                         worker="queue",
@@ -284,7 +293,7 @@ class Worker:
                         reason=f"the queue of {vm} holds {self.settings.queue_max_events} "
                         "events: its oldest one is dropped",
                     )
-                if queued and vm in self.deliveries:
+                if outcome == "queued" and vm in self.deliveries:
                     self.deliveries[vm].wake.set()
             self.spool.handed_over(event)
 

@@ -511,6 +511,8 @@ def test_a_trigger_pending_for_one_qube_takes_a_new_push_in_while_the_others_get
     drain(worker)
     assert deliveries(place, "build-fedora") == [("p1", "delivered"), ("p2", "delivered")]
     assert deliveries(place, "hanging") == [("p1", "delivered")]  # p2 folded into p1
+    [folded] = [line for line in place.log_lines() if "decision=coalesced" in line]
+    assert "worker=queue qube=hanging delivery=p2 component=core-admin" in folded
 
 
 def test_a_full_queue_drops_its_own_oldest_event_and_logs_it(
