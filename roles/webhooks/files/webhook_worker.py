@@ -128,13 +128,16 @@ def call(settings: webhook_settings.Settings, vm: str, service: str, stdin: byte
         os.write(command_write, stdin)
         os.close(command_write)
         program = [sys.executable, "-I", "-S", "-c", LOCAL_PROGRAM]
-        process = subprocess.Popen(
-            [settings.qrexec_client, "--", vm, service, *program],
-            stdin=command_read,
-            stdout=mark_write,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        try:
+            process = subprocess.Popen(
+                [settings.qrexec_client, "--", vm, service, *program],
+                stdin=command_read,
+                stdout=mark_write,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as error:  # no qrexec-client-vm: tried again as a refusal is
+            return Call(f"error:{error.errno}", reached=False)
         os.close(command_read)
         os.close(mark_write)
         running.add(process)

@@ -484,6 +484,20 @@ def test_only_a_call_that_never_reached_its_qube_is_made_again_with_backoff(
     assert place.spooled() == []
 
 
+def test_a_missing_qrexec_client_counts_as_a_refusal(
+    place: Place, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0.01)
+    worker = in_process(place, tmp_path / "no-such-client", ["build-fedora"])
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    drain(worker)
+    attempts = webhook_worker.MAX_ATTEMPTS
+    assert deliveries(place, "build-fedora") == [("p1", "retrying")] * (attempts - 1) + [
+        ("p1", "gave-up")
+    ]
+    assert 'reason="build-fedora:error:2 (did not reach the qube)"' in place.log_lines()[-1]
+
+
 def test_a_call_cut_at_its_deadline_is_not_made_again_even_if_it_never_reached(
     place: Place, fake_qrexec: Path
 ) -> None:
