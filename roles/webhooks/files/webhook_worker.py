@@ -123,33 +123,22 @@ def call(settings: webhook_settings.Settings, vm: str, service: str, stdin: byte
     """
     command_read, command_write = os.pipe()
     mark_read, mark_write = os.pipe()
+    # Each descriptor is closed once only: a number closed twice may by then be another
+    # thread's (another call's pipe, the log).
     try:
         # At most max_command_bytes (8 KiB): it fits the pipe, no writer thread needed.
         os.write(command_write, stdin)
+    finally:
         os.close(command_write)
-        program = [sys.executable, "-I", "-S", "-c", LOCAL_PROGRAM]
-        try:
-            process = subprocess.Popen(
-                [settings.qrexec_client, "--", vm, service, *program],
-                stdin=command_read,
-                stdout=mark_write,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError as error:  # no qrexec-client-vm: tried again as a refusal is
-            return Call(f"error:{error.errno}", reached=False)
+    try:
+        process = start(settings, vm, service, command_read, mark_write)
+    finally:
         os.close(command_read)
         os.close(mark_write)
-        running.add(process)
-        try:
-            code = str(process.wait(settings.call_timeout))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            code = "timeout"
-        finally:
-            running.discard(process)
+    try:
+        if process is None:  # no qrexec-client-vm: tried again as a refusal is
+            return Call("error", reached=False)
+        code = wait(process, settings.call_timeout, running)
         os.set_blocking(mark_read, False)
         try:
             reached = os.read(mark_read, 1) == REACHED
@@ -157,9 +146,36 @@ def call(settings: webhook_settings.Settings, vm: str, service: str, stdin: byte
             reached = False
         return Call(code, reached)
     finally:
-        for fd in (command_read, command_write, mark_read, mark_write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        os.close(mark_read)
+
+
+def start(settings: webhook_settings.Settings, vm: str, service: str, stdin: int,
+          stdout: int) -> subprocess.Popen[bytes] | None:  # fmt: skip
+    program = [sys.executable, "-I", "-S", "-c", LOCAL_PROGRAM]
+    try:
+        return subprocess.Popen(
+            [settings.qrexec_client, "--", vm, service, *program],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError:
+        return None
+
+
+def wait(process: subprocess.Popen[bytes], timeout: int, running: Running) -> str:
+    """The exit code, or `timeout` (the call's processes then killed)."""
+    running.add(process)
+    try:
+        return str(process.wait(timeout))
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return "timeout"
+    finally:
+        running.discard(process)
 
 
 def well_formed(content: dict[str, str], max_command_bytes: int) -> bool:
