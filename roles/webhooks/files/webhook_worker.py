@@ -12,9 +12,9 @@ Bounds, per build qube (at most 64 qubes):
 - one call at a time, killed after `call_timeout` seconds (120 by default); its output is
   discarded and its exit code logged;
 - a call is made again only if it never reached the qube (see `call`): after 1, 2, 4, 8 and
-  16 s, 6 attempts in all; a call that reached the qube, or ran into its deadline, never is.
-  So one event costs its qube's queue at most one `call_timeout`, plus 5 refusals and 31 s of
-  waiting, and costs the other qubes nothing;
+  16 s, 6 attempts in all, all of them within `call_timeout` of the first; a call that reached
+  the qube, or ran into that deadline, never is. So one event costs its qube's queue at most
+  one `call_timeout`, and costs the other qubes nothing;
 - at most `queue_max_events` (200 by default) events wait in the qube's queue, besides the one
   it is being called with; a trigger already waiting takes a new push of its component in, and
   past the bound the queue's oldest event is dropped and logged: a qube that keeps taking its
@@ -108,8 +108,8 @@ def build_vms(path: str, log: DecisionLog) -> list[str]:
 
 
 def call(settings: webhook_settings.Settings, vm: str, service: str, stdin: bytes,
-         running: Running) -> Call:  # fmt: skip
-    """Call service in vm, with a deadline.
+         timeout: float, running: Running) -> Call:  # fmt: skip
+    """Call service in vm, killed after timeout seconds.
 
     Whether the call reached the qube cannot be read from the exit code: qrexec-client-vm exits
     126 (QREXEC_EXIT_REQUEST_REFUSED) when dom0 refused the call, but with the service's own
@@ -138,7 +138,7 @@ def call(settings: webhook_settings.Settings, vm: str, service: str, stdin: byte
     try:
         if process is None:  # no qrexec-client-vm: tried again as a refusal is
             return Call("error", reached=False)
-        code = wait(process, settings.call_timeout, running)
+        code = wait(process, timeout, running)
         os.set_blocking(mark_read, False)
         try:
             reached = os.read(mark_read, 1) == REACHED
@@ -164,7 +164,7 @@ def start(settings: webhook_settings.Settings, vm: str, service: str, stdin: int
         return None
 
 
-def wait(process: subprocess.Popen[bytes], timeout: int, running: Running) -> str:
+def wait(process: subprocess.Popen[bytes], timeout: float, running: Running) -> str:
     """The exit code, or `timeout` (the call's processes then killed)."""
     running.add(process)
     try:
@@ -239,13 +239,17 @@ class QubeDelivery:
         return True
 
     def deliver(self, event: Event) -> bool:
-        """Call the qube until the call reached it or the attempts are spent; False if the
-        worker stops before."""
+        """Call the qube until a call reached it, the attempts are spent or call_timeout has
+        passed since the first (all attempts together: the event's cost to this queue); False
+        if the worker stops before."""
         service, stdin = service_of(event.content)
+        end = time.monotonic() + self.settings.call_timeout
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            result = call(self.settings, self.vm, service, stdin, self.running)
-            retry = not result.reached and result.code != "timeout" and attempt < MAX_ATTEMPTS
+            result = call(self.settings, self.vm, service, stdin, end - time.monotonic(),
+                          self.running)  # fmt: skip
             wait = RETRY_SECONDS * 2 ** (attempt - 1)
+            retry = (not result.reached and result.code != "timeout" and attempt < MAX_ATTEMPTS
+                     and time.monotonic() + wait < end)  # fmt: skip
             self.log.write(
                 worker="delivery",
                 qube=self.vm,
