@@ -690,3 +690,17 @@ def test_eight_qubes_delivered_at_once_each_get_every_event_once_in_order(
 def each_got(place: Place, qubes: list[str], sent: list[str]) -> bool:
     wanted = [(delivery, "delivered") for delivery in sent]
     return all(deliveries(place, qube) == wanted for qube in qubes)
+
+
+def test_the_attempts_of_one_call_stay_within_the_call_timeout_together(
+    place: Place, fake_qrexec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0.4)  # waits 0.4, 0.8, 1.6 s...
+    worker = in_process(place, fake_qrexec, ["refusing"], call_timeout=2)
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    started = time.monotonic()
+    drain(worker)
+    assert time.monotonic() - started < 2
+    decisions = [decision for _, decision in deliveries(place, "refusing")]
+    assert len(decisions) < webhook_worker.MAX_ATTEMPTS and decisions[-1] == "gave-up"
+    assert set(decisions[:-1]) == {"retrying"}
