@@ -28,6 +28,8 @@ class Settings:
     # worker keeps them bounded too.
     service_logs: tuple[str, ...] = ()
     qrexec_client: str = "qrexec-client-vm"
+    # Events that may wait for one build qube (besides the one it is being called with).
+    queue_max_events: int = 200
 
 
 def load(path: str | None = None) -> Settings:
@@ -39,4 +41,6 @@ def load(path: str | None = None) -> Settings:
     settings = replace(settings, service_logs=tuple(settings.service_logs))
     if not 0 < settings.max_body <= GITHUB_MAX_PAYLOAD:
         raise ValueError(f"{path}: max_body must be 1..{GITHUB_MAX_PAYLOAD} bytes")
+    if settings.queue_max_events < 1:
+        raise ValueError(f"{path}: queue_max_events must be at least 1")
     return settings

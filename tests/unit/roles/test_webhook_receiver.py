@@ -7,12 +7,13 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -291,72 +292,6 @@ def test_the_receiver_refuses_to_start_without_a_secret_or_with_a_body_limit_ove
         webhook_settings.load(str(write_settings(tmp_path, max_body=25_000_001)))
 
 
-# -- the worker's side of the spool ----------------------------------------------------------------
-def test_an_event_taken_but_not_done_is_delivered_again_after_a_restart(place: Place) -> None:
-    place.post(TRIGGER, push("QubesOS/qubes-a"), delivery="one")
-    spool = Spool(str(place.spool), 50, 1 << 20)
-    taken = spool.take()
-    assert taken is not None and taken.content["component"] == "a"
-    # A push arriving while the trigger is delivered is queued anew, not folded into it.
-    assert place.post(TRIGGER, push("QubesOS/qubes-a"), delivery="two")[0] == 202
-    restarted = Spool(str(place.spool), 50, 1 << 20)
-    again = restarted.take()
-    assert again is not None and again.content["delivery"] == "one"
-    restarted.done(again)
-    following = restarted.take()
-    assert following is not None and following.content["delivery"] == "two"
-    restarted.done(following)
-    assert restarted.take() is None
-
-
-@pytest.fixture
-def recorder(tmp_path: Path) -> Path:
-    """A stand-in for qrexec-client-vm, which exists only in a qube: it records its arguments
-    and stdin; for the qube `slow` it hangs, `failing` fails, `flaky` is not reached the first
-    time and `away` never."""
-    script = tmp_path / "qrexec-client-vm"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> {tmp_path}/calls\n'
-        f"cat >> {tmp_path}/stdin\n"
-        '[ "$2" != slow ] || exec sleep 60\n'
-        '[ "$2" != failing ] || exit 3\n'
-        f'[ "$2" != flaky ] || [ -e {tmp_path}/seen ] || {{ touch {tmp_path}/seen; exit 126; }}\n'
-        '[ "$2" != away ] || exit 126\n'
-    )
-    script.chmod(0o755)
-    return script
-
-
-def test_the_worker_calls_every_listed_build_qube_with_a_deadline(
-    place: Place, recorder: Path
-) -> None:
-    (place.root / "build-vms.list").write_text("build-fedora\nfailing\nslow\nnot a qube\n")
-    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
-    place.post(COMMENT, comment(SIGNED_COMMAND), event="issue_comment", delivery="c1")
-    raw = json.loads(place.settings_file.read_text())
-    settings = webhook_settings.Settings(**{**raw, "qrexec_client": str(recorder),
-                                            "call_timeout": 2})  # fmt: skip
-    spool = Spool(settings.spool_directory, 50, 1 << 20)
-    log = DecisionLog(settings.log_file, 1 << 20)
-    started = time.monotonic()
-    while webhook_worker.run_once(settings, spool, log):
-        pass
-    assert time.monotonic() - started < 30  # the slow call was cut at its deadline
-    calls = (place.root / "calls").read_text().splitlines()
-    # The qubes are called at once: in any order, but every trigger before the command.
-    assert sorted(calls[:3]) + sorted(calls[3:]) == [
-        f"-- {vm} qubesbuilder.TriggerBuild+core-admin"
-        for vm in ("build-fedora", "failing", "slow")
-    ] + [f"-- {vm} qubesbuilder.ProcessGithubCommand" for vm in ("build-fedora", "failing", "slow")]
-    assert (place.root / "stdin").read_text() == (SIGNED_COMMAND + "\n") * 3
-    delivered = [line for line in place.log_lines() if "decision=delivered" in line]
-    assert "delivery=p1" in delivered[0] and "delivery=c1" in delivered[1]
-    assert 'reason="build-fedora:0 failing:3 slow:timeout"' in delivered[0]
-    assert any("invalid lines" in line for line in place.log_lines())
-    assert place.spooled() == [] and list((place.spool / "active").iterdir()) == []
-
-
 # -- served as in the net qube ---------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("gunicorn") is None, reason="needs gunicorn")
 def test_gunicorn_serves_the_receiver_on_a_unix_socket(tmp_path: Path) -> None:
@@ -398,21 +333,374 @@ def test_gunicorn_serves_the_receiver_on_a_unix_socket(tmp_path: Path) -> None:
         server.wait(30)
 
 
-def test_a_call_that_did_not_reach_its_qube_is_made_again_to_that_qube_only(
-    place: Place, recorder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0)
-    (place.root / "build-vms.list").write_text("build-fedora\nflaky\naway\n")
-    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+# -- delivery: one qube's slowness costs the others nothing ---------------------------------------
+# A stand-in for qrexec-client-vm, which exists only in a qube, keeping upstream's contract
+# (core-qrexec agent/qrexec-client-vm.c, main()): a refused call exits 126 with "Request refused"
+# and never starts LOCAL_PROGRAM; an allowed one starts it (stdin and stdout: the service's
+# stdout and stdin; ours as SAVED_FD_0 and SAVED_FD_1) and exits with the service's code, or the
+# local program's when the service's is 0. The "service" is played here, by the qube's name:
+# `refusing` is always refused, `flaky` the first time; `hanging` waits while the file `gate`
+# exists; `exit126` exits 126 itself after writing "Request refused" to stderr, `failing` 3.
+FAKE_QREXEC_CLIENT = """\
+#!{python}
+import os, subprocess, sys, time
+place = {place!r}
+assert sys.argv[1] == "--"
+vm, service, program = sys.argv[2], sys.argv[3], sys.argv[4:]
+with open(os.path.join(place, "calls"), "a") as calls:
+    calls.write(f"{{vm}} {{service}} {{os.getpid()}}\\n")
+refused = vm == "refusing" or vm == "slow-refusal"
+if vm == "flaky" and not os.path.exists(os.path.join(place, "flaky-seen")):
+    open(os.path.join(place, "flaky-seen"), "w").close()
+    refused = True
+if vm == "slow-refusal":
+    time.sleep(60)
+if refused:
+    sys.stderr.write("Request refused\\n")
+    sys.exit(126)
+saved = os.dup(0), os.dup(1)
+local = subprocess.Popen(program, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=saved,
+                         env=dict(os.environ, SAVED_FD_0=str(saved[0]), SAVED_FD_1=str(saved[1])))
+local.stdin.close()
+received = local.stdout.read()
+local_code = local.wait()
+with open(os.path.join(place, "stdin-" + vm), "ab") as stored:
+    stored.write(received)
+while vm == "hanging" and os.path.exists(os.path.join(place, "gate")):
+    time.sleep(0.05)
+if vm == "exit126":
+    sys.stderr.write("Request refused\\n")
+remote_code = {{"exit126": 126, "failing": 3}}.get(vm, 0)
+sys.exit(remote_code or local_code)
+"""
+
+
+@pytest.fixture
+def fake_qrexec(tmp_path: Path) -> Path:
+    script = tmp_path / "qrexec-client-vm"
+    script.write_text(FAKE_QREXEC_CLIENT.format(python=sys.executable, place=str(tmp_path)))
+    script.chmod(0o755)
+    return script
+
+
+def worker_settings(place: Place, client: Path, **overrides: object) -> webhook_settings.Settings:
     raw = json.loads(place.settings_file.read_text())
-    settings = webhook_settings.Settings(**{**raw, "qrexec_client": str(recorder)})
-    spool = Spool(settings.spool_directory, 50, 1 << 20)
+    return webhook_settings.Settings(**{**raw, "qrexec_client": str(client), **overrides})
+
+
+def calls_of(place: Place) -> list[tuple[str, str]]:
+    """(qube, service) of each call the stand-in got, in order."""
+    try:
+        lines = (place.root / "calls").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [(line.split()[0], line.split()[1]) for line in lines]
+
+
+def deliveries(place: Place, qube: str) -> list[tuple[str, str]]:
+    """(delivery, decision) of the worker's lines about calls to qube."""
+    found = []
+    for line in place.log_lines():
+        if "worker=delivery" in line and f" qube={qube} " in line:
+            found.append(
+                (line.split(" delivery=")[1].split()[0], line.split("decision=")[1].split()[0])
+            )
+    return found
+
+
+def in_process(
+    place: Place, client: Path, vms: list[str], **overrides: object
+) -> webhook_worker.Worker:
+    """A worker whose fan-out and deliveries the test drives itself (no threads)."""
+    settings = worker_settings(place, client, **overrides)
+    spool = Spool(settings.spool_directory, settings.spool_max_events, settings.spool_max_bytes)
+    spool.prepare()
+    worker = webhook_worker.Worker(settings, spool, DecisionLog(settings.log_file, 1 << 20))
+    for vm in vms:
+        worker.deliveries[vm] = webhook_worker.QubeDelivery(
+            settings, vm, worker.queue(vm), worker.log, worker.stopping, worker.running
+        )
+    return worker
+
+
+def drain(worker: webhook_worker.Worker) -> None:
+    worker.fan_out(list(worker.deliveries))
+    for delivery in worker.deliveries.values():
+        while delivery.step():
+            pass
+
+
+def test_each_listed_build_qube_gets_each_event_in_order_with_a_deadline(
+    place: Place, fake_qrexec: Path
+) -> None:
+    (place.root / "build-vms.list").write_text("build-fedora\nfailing\nhanging\nnot a qube\n")
+    (place.root / "gate").touch()
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    place.post(COMMENT, comment(SIGNED_COMMAND), event="issue_comment", delivery="c1")
+    settings = worker_settings(place, fake_qrexec, call_timeout=2)
     log = DecisionLog(settings.log_file, 1 << 20)
-    while webhook_worker.run_once(settings, spool, log):
-        pass
-    calls = [line.split()[1] for line in (place.root / "calls").read_text().splitlines()]
+    vms = webhook_worker.build_vms(settings.build_vms_list, log)
+    assert vms == ["build-fedora", "failing", "hanging"]
+    assert any("invalid lines" in line for line in place.log_lines())
+    worker = in_process(place, fake_qrexec, vms, call_timeout=2)
+    started = time.monotonic()
+    drain(worker)
+    assert time.monotonic() - started < 30  # the hanging calls were cut at their deadline
+    services = ["qubesbuilder.TriggerBuild+core-admin", "qubesbuilder.ProcessGithubCommand"]
+    for vm in vms:
+        assert [service for qube, service in calls_of(place) if qube == vm] == services
+        assert (place.root / f"stdin-{vm}").read_text() == SIGNED_COMMAND + "\n"
+        assert deliveries(place, vm) == [("p1", "delivered"), ("c1", "delivered")]
+    codes = [line.split('reason="')[1].split('"')[0] for line in place.log_lines()
+             if "worker=delivery" in line and "delivery=p1" in line]  # fmt: skip
+    assert sorted(codes) == ["build-fedora:0", "failing:3", "hanging:timeout"]
+    assert place.spooled() == []
+    assert all(worker.queue(vm).pending() == [] for vm in vms)
+    assert all(list(Path(worker.queue(vm).active).iterdir()) == [] for vm in vms)
+
+
+def test_only_a_call_that_never_reached_its_qube_is_made_again_with_backoff(
+    place: Place, fake_qrexec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0.01)
+    worker = in_process(place, fake_qrexec, ["build-fedora", "flaky", "refusing", "exit126"])
+    real_wait = worker.stopping.wait
+    monkeypatch.setattr(worker.stopping, "wait", lambda s: waits.append(s) or real_wait(s))
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    drain(worker)
+    calls = [qube for qube, _ in calls_of(place)]
     attempts = webhook_worker.MAX_ATTEMPTS
-    assert sorted(calls) == sorted(["build-fedora", "flaky", "flaky"] + ["away"] * attempts)
-    decisions = [line.split("decision=")[1].split()[0] for line in place.log_lines()[1:]]
-    assert decisions == ["retrying"] * (attempts - 1) + ["gave-up"]
-    assert place.spooled() == [] and list((place.spool / "active").iterdir()) == []
+    # The service's own 126 (exit126) reached its qube: called once, as build-fedora.
+    assert sorted(calls) == sorted(["build-fedora", "exit126", "flaky", "flaky"]
+                                   + ["refusing"] * attempts)  # fmt: skip
+    assert deliveries(place, "exit126") == [("p1", "delivered")]
+    assert deliveries(place, "flaky") == [("p1", "retrying"), ("p1", "delivered")]
+    assert deliveries(place, "refusing") == [("p1", "retrying")] * (attempts - 1) + [
+        ("p1", "gave-up")
+    ]
+    # Waits double, per qube: 1 for flaky; 1, 2, 4, 8, 16 (times the unit) for refusing.
+    assert sorted(waits) == sorted([0.01] + [0.01 * 2**n for n in range(attempts - 1)])
+    assert place.spooled() == []
+
+
+def test_a_missing_qrexec_client_counts_as_a_refusal(
+    place: Place, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0.01)
+    worker = in_process(place, tmp_path / "no-such-client", ["build-fedora"])
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    drain(worker)
+    attempts = webhook_worker.MAX_ATTEMPTS
+    assert deliveries(place, "build-fedora") == [("p1", "retrying")] * (attempts - 1) + [
+        ("p1", "gave-up")
+    ]
+    assert 'reason="build-fedora:error (did not reach the qube)"' in place.log_lines()[-1]
+
+
+def test_a_call_cut_at_its_deadline_is_not_made_again_even_if_it_never_reached(
+    place: Place, fake_qrexec: Path
+) -> None:
+    (place.root / "gate").touch()
+    worker = in_process(place, fake_qrexec, ["hanging", "slow-refusal"], call_timeout=1)
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    drain(worker)
+    assert sorted(qube for qube, _ in calls_of(place)) == ["hanging", "slow-refusal"]
+    assert deliveries(place, "hanging") == [("p1", "delivered")]
+    assert deliveries(place, "slow-refusal") == [("p1", "gave-up")]
+    assert any('reason="slow-refusal:timeout (did not reach the qube)"' in line
+               for line in place.log_lines())  # fmt: skip
+
+
+def test_a_trigger_pending_for_one_qube_takes_a_new_push_in_while_the_others_get_it_again(
+    place: Place, fake_qrexec: Path
+) -> None:
+    worker = in_process(place, fake_qrexec, ["build-fedora", "hanging"])
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    worker.fan_out(["build-fedora", "hanging"])
+    assert worker.deliveries["build-fedora"].step()
+    assert place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p2")[0] == 202
+    worker.fan_out(["build-fedora", "hanging"])
+    assert worker.queue("hanging").pending() == ["trigger-core-admin"]
+    drain(worker)
+    assert deliveries(place, "build-fedora") == [("p1", "delivered"), ("p2", "delivered")]
+    assert deliveries(place, "hanging") == [("p1", "delivered")]  # p2 folded into p1
+    [folded] = [line for line in place.log_lines() if "decision=coalesced" in line]
+    assert "worker=queue qube=hanging delivery=p2 component=core-admin" in folded
+
+
+def test_a_full_queue_drops_its_own_oldest_event_and_logs_it(
+    place: Place, fake_qrexec: Path
+) -> None:
+    worker = in_process(place, fake_qrexec, ["build-fedora", "hanging"], queue_max_events=3)
+    for number in range(5):
+        place.post(COMMENT, comment(SIGNED_COMMAND), event="issue_comment", delivery=f"c{number}")
+        time.sleep(0.01)  # distinct write times: the queue's order
+        worker.fan_out(["build-fedora", "hanging"])
+        assert worker.deliveries["build-fedora"].step()  # build-fedora keeps up
+    assert len(worker.queue("hanging").pending()) == 3
+    assert place.spooled() == []
+    dropped = [line for line in place.log_lines() if "decision=dropped" in line]
+    assert [line.split(" delivery=")[1].split()[0] for line in dropped] == ["c0", "c1"]
+    assert all(" qube=hanging " in line for line in dropped)
+    drain(worker)
+    assert [d for d, _ in deliveries(place, "hanging")] == ["c2", "c3", "c4"]
+    assert [d for d, _ in deliveries(place, "build-fedora")] == [f"c{n}" for n in range(5)]
+
+
+def test_an_interrupted_delivery_is_made_again_after_a_restart(
+    place: Place, fake_qrexec: Path
+) -> None:
+    worker = in_process(place, fake_qrexec, ["build-fedora"])
+    place.post(TRIGGER, push("QubesOS/qubes-a"), delivery="one")
+    worker.fan_out(["build-fedora"])
+    taken = worker.queue("build-fedora").take()
+    assert taken is not None and taken.content["delivery"] == "one"
+    # A push arriving while the trigger is delivered is queued anew, not folded into it.
+    assert place.post(TRIGGER, push("QubesOS/qubes-a"), delivery="two")[0] == 202
+    worker.fan_out(["build-fedora"])
+    # An event of an earlier worker, which delivered one event to every qube at once.
+    (place.spool / "active" / "trigger-b").write_text(
+        json.dumps({"kind": "trigger", "component": "b", "delivery": "legacy"})
+    )
+    restarted = in_process(place, fake_qrexec, ["build-fedora"])
+    drain(restarted)
+    assert [d for d, _ in deliveries(place, "build-fedora")] == ["one", "two", "legacy"]
+
+
+def test_events_that_are_not_the_receivers_or_names_with_a_newline_are_dropped(
+    place: Place, fake_qrexec: Path
+) -> None:
+    assert webhook_worker.QUBE_NAME.fullmatch("build-fedora\n") is None
+    assert not webhook_worker.well_formed({"kind": "trigger", "component": "core\n"}, 8192)
+    assert not webhook_worker.well_formed({"kind": "command", "command": "x" * 8193}, 8192)
+    (place.spool / "trigger-a").write_text(json.dumps({"kind": "trigger", "component": "a\n"}))
+    (place.spool / "command-1").write_text("[]")
+    worker = in_process(place, fake_qrexec, ["build-fedora"])
+    drain(worker)
+    assert calls_of(place) == [] and place.spooled() == []
+    assert sum("decision=dropped" in line for line in place.log_lines()) == 2
+
+
+def test_the_queue_of_a_qube_no_longer_listed_goes(place: Place, fake_qrexec: Path) -> None:
+    worker = in_process(place, fake_qrexec, [])
+    place.post(TRIGGER, push("QubesOS/qubes-a"), delivery="p1")
+    worker.fan_out(["build-fedora", "old"])
+    try:
+        worker.tend(["build-fedora"])
+        assert not (place.spool / "queues" / "old").exists()
+        assert wait_until(lambda: deliveries(place, "build-fedora") == [("p1", "delivered")])
+    finally:
+        worker.stop()
+    [line] = [line for line in place.log_lines() if "qube=old" in line]
+    assert "delivery=p1" in line and "decision=dropped" in line
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def start_worker(place: Place) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(FILES / "webhook_worker.py")],
+        env={**os.environ, "WEBHOOKS_SETTINGS": str(place.settings_file)},
+    )
+
+
+def test_a_hanging_qube_delays_no_other_and_its_backlog_never_makes_github_get_503(
+    tmp_path: Path, fake_qrexec: Path
+) -> None:
+    """The worker as in the net qube, a process of its own: with `hanging` stuck in its first
+    call, build-fedora gets every event at once, hanging's queue stays within its bound, and
+    the receiver's part of the spool (4 events here) never fills: every webhook gets 202."""
+    for place in serve(tmp_path, spool_max_events=4, queue_max_events=3, call_timeout=120,
+                       qrexec_client=str(fake_qrexec)):  # fmt: skip
+        (place.root / "build-vms.list").write_text("build-fedora\nhanging\n")
+        (place.root / "gate").touch()
+        worker = start_worker(place)
+        try:
+            worker = hang_then_crash_then_recover(place, worker)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+
+
+def hang_then_crash_then_recover(
+    place: Place, worker: subprocess.Popen[bytes]
+) -> subprocess.Popen[bytes]:
+    sent = [f"d{number}" for number in range(12)]
+    for number, delivery in enumerate(sent):
+        status, _ = place.post(TRIGGER, push(f"QubesOS/qubes-c{number}"), delivery=delivery)
+        assert status == 202, delivery
+        time.sleep(0.3)  # GitHub's pace at worst: a push every 0.3 s
+
+    def delivered(qube: str) -> list[str]:
+        return [delivery for delivery, _ in deliveries(place, qube)]
+
+    assert wait_until(lambda: delivered("build-fedora") == sent, seconds=20)
+    hanging = Spool(str(place.spool), 4, 1 << 20).queue("hanging", 3)
+    assert [qube for qube, _ in calls_of(place)].count("hanging") == 1
+    assert hanging.pending() == ["trigger-c9", "trigger-c10", "trigger-c11"]
+    assert os.listdir(hanging.active) == ["trigger-c0"]
+    dropped = [line.split(" delivery=")[1].split()[0] for line in place.log_lines()
+               if "decision=dropped" in line and " qube=hanging " in line]  # fmt: skip
+    assert dropped == sent[1:9]
+    assert place.spooled() == []
+    # Killed as by a crash, with hanging's call in progress (and left behind).
+    worker.kill()
+    worker.wait()
+    calls = (place.root / "calls").read_text().splitlines()
+    [stuck] = [line.split()[2] for line in calls if line.startswith("hanging ")]
+    os.kill(int(stuck), signal.SIGKILL)
+    (place.root / "gate").unlink()
+    worker = start_worker(place)
+    wanted = ["d0", "d9", "d10", "d11"]  # the interrupted call first, then the queue
+    assert wait_until(lambda: delivered("hanging") == wanted)
+    assert delivered("build-fedora") == sent
+    return worker
+
+
+def test_eight_qubes_delivered_at_once_each_get_every_event_once_in_order(
+    tmp_path: Path, fake_qrexec: Path
+) -> None:
+    """The threads of the qubes share a process (descriptors, the log): no call of one may
+    disturb another's."""
+    qubes = [f"q{number}" for number in range(8)]
+    sent = [f"c{number}" for number in range(15)]
+    for place in serve(tmp_path, qrexec_client=str(fake_qrexec)):
+        (place.root / "build-vms.list").write_text("\n".join(qubes) + "\n")
+        worker = start_worker(place)
+        try:
+            for delivery in sent:
+                place.post(COMMENT, comment(SIGNED_COMMAND), event="issue_comment",
+                           delivery=delivery)  # fmt: skip
+                time.sleep(0.01)  # distinct write times: the queues' order
+            assert wait_until(lambda place=place: each_got(place, qubes, sent))
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        assert len(calls_of(place)) == len(qubes) * len(sent)
+
+
+def each_got(place: Place, qubes: list[str], sent: list[str]) -> bool:
+    wanted = [(delivery, "delivered") for delivery in sent]
+    return all(deliveries(place, qube) == wanted for qube in qubes)
+
+
+def test_the_attempts_of_one_call_stay_within_the_call_timeout_together(
+    place: Place, fake_qrexec: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_worker, "RETRY_SECONDS", 0.4)  # waits 0.4, 0.8, 1.6 s...
+    worker = in_process(place, fake_qrexec, ["refusing"], call_timeout=2)
+    place.post(TRIGGER, push("QubesOS/qubes-core-admin"), delivery="p1")
+    started = time.monotonic()
+    drain(worker)
+    assert time.monotonic() - started < 2
+    decisions = [decision for _, decision in deliveries(place, "refusing")]
+    assert len(decisions) < webhook_worker.MAX_ATTEMPTS and decisions[-1] == "gave-up"
+    assert set(decisions[:-1]) == {"retrying"}
