@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import re
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,6 +58,7 @@ MAX_DEPTH = 400
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 OPENING = frozenset(b"[{")
+MAX_DELIVERY_ID = 100
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -235,12 +237,17 @@ class Receiver:
             outcome = act(payload, delivery)
             return outcome.decision in ("accepted", "coalesced"), outcome
 
+        digest = hashlib.sha256(body).hexdigest()
         try:
-            return self.deliveries.once(hashlib.sha256(body).hexdigest(), delivery, signed, once)
+            # GitHub's delivery ids are 36 characters; a longer header is remembered cut.
+            return self.deliveries.once(digest, delivery[:MAX_DELIVERY_ID], signed, once)
         except Duplicate:
             return Outcome(200, "duplicate", "this delivery or body was accepted before")
         except TooOld as old:
             raise Refused(400, "refused", f"too old: {old}") from None
+        except sqlite3.Error as error:
+            # Nothing is acted on without the memory; GitHub may send the delivery again.
+            return Outcome(503, "refused", f"the memory of deliveries failed: {error}")
 
     @staticmethod
     def parse(body: bytes) -> dict[str, Any]:

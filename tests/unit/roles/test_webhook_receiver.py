@@ -611,3 +611,13 @@ def test_past_its_space_bound_the_memory_refuses_what_it_forgot_if_the_body_has_
         assert status == 400 and "signed before the oldest delivery still remembered" in text
         # GitHub never sends a push without its time: such a body, forgotten, is accepted again.
         assert place.post(TRIGGER, untimed)[0] == 202
+
+
+def test_a_broken_memory_of_deliveries_answers_503_logged_and_acts_on_nothing(
+    place: Place,
+) -> None:
+    (place.root / "deliveries.sqlite").write_bytes(b"not a database" * 100)
+    status, text = place.post(TRIGGER, push("QubesOS/qubes-a"))
+    assert status == 503, text
+    assert "the memory of deliveries failed" in place.log_lines()[-1]
+    assert place.spooled() == []
