@@ -514,6 +514,7 @@ def test_a_replayed_delivery_is_acted_on_once_and_the_genuine_path_still_works(
 
     for _, delivery in replays[:-1]:
         assert decisions(delivery) == ["duplicate"], delivery
-    assert sorted(decisions(genuine)) == ["accepted", "delivered", "duplicate"]
+    # Accepted once, its redelivery a duplicate (besides the worker's delivery lines).
+    assert [d for d in decisions(genuine) if d != "delivered"] == ["accepted", "duplicate"]
     [deep_line] = [line for line in lines if f"delivery={deep} " in line]
     assert "nests deeper than 400" in deep_line
