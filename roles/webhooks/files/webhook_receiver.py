@@ -155,8 +155,10 @@ def signed_time(event: str, payload: dict[str, Any]) -> float | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and len(value) <= 40:
+        # GitHub writes UTC as `Z`, which Python before 3.11 does not read.
+        text = value[:-1] + "+00:00" if value.endswith("Z") else value
         try:
-            moment = datetime.fromisoformat(value)
+            moment = datetime.fromisoformat(text)
         except ValueError:
             pass
         else:
