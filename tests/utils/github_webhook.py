@@ -6,10 +6,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import json
+import os
+import time
 
 
 def signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def push_body(full_name: str, ref: str = "refs/heads/main") -> bytes:
+    """A push event's body as GitHub's, in what the receiver reads: the full ref, a new commit
+    (each body differs, as each push's does) and the time of the push, which GitHub signs."""
+    payload = {
+        "ref": ref,
+        "after": os.urandom(20).hex(),
+        "repository": {"full_name": full_name, "pushed_at": int(time.time())},
+    }
+    return json.dumps(payload).encode()
 
 
 def post(

@@ -9,6 +9,17 @@ safe component name is refused here already; and nothing calls a build qube from
 an accepted event is stored durably in the spool (see webhook_spool) before the reply, and the
 worker delivers it. Each request leaves one line in the log with its decision.
 
+A delivery is acted on once (see webhook_deliveries): a body or a delivery id accepted before is
+answered 200 `duplicate` (GitHub does not retry a 2xx) and logged, nothing more. Since the
+`X-GitHub-Event` header is not signed, the body must have the shape of the route's event (a
+push: a `ref` under `refs/` and no `action`; an issue comment: `issue` and `comment` objects),
+else 400. Where the event carries a time GitHub signed (a push's `repository.pushed_at`, the
+time of the push; a comment's `comment.created_at`), a body signed longer ago than the replay
+window is refused with 400; `head_commit.timestamp` is not used, being the commit's own time,
+which may be days before a push of it. A body without such a time (GitHub always sends one;
+test and hand-made bodies may not) is accepted and remembered like any other. JSON nesting is
+bounded (MAX_DEPTH) before the parser, which recurses, sees the body.
+
 Served by gunicorn behind nginx: `gunicorn 'webhook_receiver:create_application()'`.
 """
 
@@ -18,11 +29,14 @@ import hashlib
 import hmac
 import json
 import re
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import webhook_settings
+from webhook_deliveries import Deliveries, Duplicate, TooOld
 from webhook_log import DecisionLog
 from webhook_spool import Spool, SpoolFull
 
@@ -37,6 +51,14 @@ SIGNATURE_PREFIX = "sha256="
 COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SIGNED_START = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: "
 SIGNED_END = "\n-----END PGP SIGNATURE-----"
+# Deepest JSON nesting read (GitHub's payloads nest about 6 deep); deeper is refused before the
+# parser, which recurses and would stop at Python's recursion limit with an error.
+MAX_DEPTH = 400
+# A JSON string (its escapes included): brackets inside one do not nest.
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+OPENING = frozenset(b"[{")
+MAX_DELIVERY_ID = 100
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -85,6 +107,66 @@ def component_of(full_name: object) -> str:
     return component
 
 
+def nests_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether the JSON text nests arrays and objects deeper than limit."""
+    brackets = JSON_STRING.sub(b"", body).translate(None, NOT_BRACKETS)
+    depth = 0
+    for byte in brackets:
+        depth += 1 if byte in OPENING else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def is_push(payload: dict[str, Any]) -> bool:
+    """A push event's body: its ref is a full one (a `create` or `delete` event's is short) and
+    it has no action (most other events have one)."""
+    ref = payload.get("ref")
+    return isinstance(ref, str) and ref.startswith("refs/") and "action" not in payload
+
+
+def is_issue_comment(payload: dict[str, Any]) -> bool:
+    """An issue_comment event's body: an issue and a comment (a commit's, a pull request
+    review's or a discussion's comment comes without an issue)."""
+    return (
+        isinstance(payload.get("action"), str)
+        and isinstance(payload.get("issue"), dict)
+        and isinstance(payload.get("comment"), dict)
+    )
+
+
+SHAPES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "push": is_push,
+    "issue_comment": is_issue_comment,
+}
+
+
+def signed_time(event: str, payload: dict[str, Any]) -> float | None:
+    """The time GitHub signed in the body (seconds since the epoch), None when it has none."""
+    if event == "push":
+        repository = payload.get("repository")
+        value = repository.get("pushed_at") if isinstance(repository, dict) else None
+        where = "repository.pushed_at"
+    else:
+        value = payload["comment"].get("created_at")
+        where = "comment.created_at"
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and len(value) <= 40:
+        # GitHub writes UTC as `Z`, which Python before 3.11 does not read.
+        text = value[:-1] + "+00:00" if value.endswith("Z") else value
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is not None:
+                return moment.timestamp()
+    raise Refused(400, "refused", f"{where} is not a time")
+
+
 def signed_command(body: str) -> str:
     """The inline-signed message of a comment, cut as builder-github does: trailing blanks of
     each line dropped, from the first signed-message header to the end of the first
@@ -109,6 +191,9 @@ class Receiver:
             settings.spool_directory, settings.spool_max_events, settings.spool_max_bytes
         )
         self.log = DecisionLog(settings.log_file, settings.log_max_bytes)
+        self.deliveries = Deliveries(
+            settings.deliveries_file, settings.replay_window, settings.deliveries_max
+        )
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         event = environ.get("HTTP_X_GITHUB_EVENT", "")
@@ -143,19 +228,40 @@ class Receiver:
         self.verify_signature(environ.get("HTTP_X_HUB_SIGNATURE_256", ""), body)
         if event != wanted:
             return Outcome(200, "ignored", f"event {event[:40]!r} is not handled here")
+        payload = self.parse(body)
+        if not SHAPES[wanted](payload):
+            raise Refused(400, "refused", f"the body is not that of a {wanted} event")
+        signed = signed_time(wanted, payload)
+        act = self.trigger if wanted == "push" else self.comment
+        delivery = environ.get("HTTP_X_GITHUB_DELIVERY", "")
+
+        def once() -> tuple[bool, Outcome]:
+            outcome = act(payload, delivery)
+            return outcome.decision in ("accepted", "coalesced"), outcome
+
+        digest = hashlib.sha256(body).hexdigest()
+        try:
+            # GitHub's delivery ids are 36 characters; a longer header is remembered cut.
+            return self.deliveries.once(digest, delivery[:MAX_DELIVERY_ID], signed, once)
+        except Duplicate:
+            return Outcome(200, "duplicate", "this delivery or body was accepted before")
+        except TooOld as old:
+            raise Refused(400, "refused", f"too old: {old}") from None
+        except sqlite3.Error as error:
+            # Nothing is acted on without the memory; GitHub may send the delivery again.
+            return Outcome(503, "refused", f"the memory of deliveries failed: {error}")
+
+    @staticmethod
+    def parse(body: bytes) -> dict[str, Any]:
+        if nests_deeper_than(body, MAX_DEPTH):
+            raise Refused(400, "refused", f"the body's JSON nests deeper than {MAX_DEPTH}")
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "refused", "the body is not JSON") from None
-        except RecursionError:
-            # A signed body within the size limit can still nest deeper than Python's parser goes.
-            raise Refused(400, "refused", "the body's JSON nests too deeply") from None
         if not isinstance(payload, dict):
             raise Refused(400, "refused", "the body is not a JSON object")
-        delivery = environ.get("HTTP_X_GITHUB_DELIVERY", "")
-        if wanted == "push":
-            return self.trigger(payload, delivery)
-        return self.comment(payload, delivery)
+        return payload
 
     def read_body(self, environ: dict[str, Any]) -> bytes:
         length_text = environ.get("CONTENT_LENGTH") or ""

@@ -30,6 +30,12 @@ class Settings:
     qrexec_client: str = "qrexec-client-vm"
     # Events that may wait for one build qube (besides the one it is being called with).
     queue_max_events: int = 200
+    # The receiver's memory of accepted deliveries (see webhook_deliveries): its file (empty: in
+    # the spool's parent folder), how long a signed body stays acceptable and is remembered
+    # (seconds), and how many deliveries it holds at most.
+    deliveries_file: str = ""
+    replay_window: int = 259200
+    deliveries_max: int = 50000
 
 
 def load(path: str | None = None) -> Settings:
@@ -39,6 +45,11 @@ def load(path: str | None = None) -> Settings:
     known = {field.name for field in fields(Settings)}
     settings = Settings(**{key: raw[key] for key in raw if key in known})
     settings = replace(settings, service_logs=tuple(settings.service_logs))
+    if not settings.deliveries_file:
+        folder = os.path.dirname(os.path.normpath(settings.spool_directory))
+        settings = replace(settings, deliveries_file=os.path.join(folder, "deliveries.sqlite"))
+    if settings.replay_window <= 0 or settings.deliveries_max <= 0:
+        raise ValueError(f"{path}: replay_window and deliveries_max must be positive")
     if not 0 < settings.max_body <= GITHUB_MAX_PAYLOAD:
         raise ValueError(f"{path}: max_body must be 1..{GITHUB_MAX_PAYLOAD} bytes")
     if settings.queue_max_events < 1:

@@ -7,16 +7,16 @@ artifact and its signature reach the upload server through the net qube's ssh pr
 from __future__ import annotations
 
 import http.client
-import json
 import subprocess
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from qubesim import world
 from tests.integration.conftest import as_root, audit_since, run_tool
 from tests.integration.converged.chain import BUILDER, Chain
-from tests.utils.github_webhook import post
+from tests.utils.github_webhook import post, push_body
 
 # The example's environments: fedora's release configuration builds it, kernel's does not.
 COMPONENT = "core-admin"
@@ -44,13 +44,13 @@ def test_a_signed_push_is_built_logged_signed_and_uploaded(chain: Chain) -> None
         (uploads / name).unlink(missing_ok=True)
     as_root("build-kernel", f"rm -rf {BUILDER}/artifacts/{COMPONENT}")
     started = datetime.now(UTC)
-    body = json.dumps({"repository": {"full_name": f"QubesOS/qubes-{COMPONENT}"}}).encode()
+    body = push_body(f"QubesOS/qubes-{COMPONENT}")
     status, _ = post(
         http.client.HTTPConnection("127.0.0.1", 80, timeout=30),
         "/api/services/trigger_build",
         body,
         secret=str(chain.world.variables()["webhooks_secret"]).encode(),
-        delivery="end-to-end-1",
+        delivery=f"end-to-end-{uuid.uuid4()}",  # each run is a delivery of its own
     )
     assert status in (200, 202)
 

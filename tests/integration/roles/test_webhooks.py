@@ -4,11 +4,15 @@ record every call, with the audit log as the witness of which qrexec calls the n
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import secrets
+import selectors
+import socket
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,7 +86,7 @@ class Hooks:
 
 
 def push(full_name: str) -> bytes:
-    return json.dumps({"ref": "refs/heads/main", "repository": {"full_name": full_name}}).encode()
+    return github_webhook.push_body(full_name)  # each differs: the receiver acts on one once
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 120) -> bool:
@@ -201,7 +205,9 @@ def test_a_signed_command_goes_to_process_github_command_in_every_build_qube(
 ) -> None:
     started = datetime.now(UTC)
     body = f"Please build:\r\n\r\n{SIGNED_COMMAND.replace(chr(10), '  ' + chr(13) + chr(10))}\r\n"
-    payload = json.dumps({"action": "created", "comment": {"body": body}}).encode()
+    payload = json.dumps(
+        {"action": "created", "issue": {"number": 1}, "comment": {"body": body}}
+    ).encode()
     status, _ = hooks.post(COMMENT, payload, event="issue_comment")
     assert status == 202
     received = f"from {NET}\n{SIGNED_COMMAND}\nend\n"
@@ -498,3 +504,115 @@ def test_a_build_qubes_own_exit_code_126_is_not_taken_for_a_refusal(hooks: Hooks
     assert sorted(calls) == sorted(BUILD_QUBES)
     [line] = [line for line in log_lines() if f"qube={SLOW_QUBE} delivery={delivery} " in line]
     assert f'decision=delivered reason="{SLOW_QUBE}:126"' in line
+
+
+# -- the listener: limits per source, replays
+PER_SOURCE = 8  # the role's default webhooks_connections_per_source
+
+
+def slow_clients(source: str, count: int) -> list[socket.socket]:
+    """count requests from source whose 1 MiB bodies come slowly: 64 KiB at once, then a byte
+    now and then (trickle), never the whole."""
+    held = []
+    for _ in range(count):
+        client = socket.socket()
+        client.settimeout(30)
+        client.bind((source, 0))
+        client.connect(("127.0.0.1", 80))
+        client.sendall(
+            f"POST {TRIGGER} HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\n"
+            f"X-Hub-Signature-256: sha256=00\r\nContent-Length: {1 << 20}\r\n\r\n".encode()
+            + b" " * 65536
+        )
+        held.append(client)
+    return held
+
+
+def trickle(clients: list[socket.socket], stop: threading.Event) -> None:
+    while not stop.wait(1):
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.send(b" ")
+
+
+def answered_429(clients: list[socket.socket]) -> list[socket.socket]:
+    """The clients nginx answered 429 within 5 s (the others it still reads from)."""
+    answered = []
+    with selectors.DefaultSelector() as selector:
+        for client in clients:
+            selector.register(client, selectors.EVENT_READ)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(answered) < len(clients):
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                selector.unregister(key.fileobj)
+                if key.fileobj.recv(64).startswith(b"HTTP/1.1 429"):  # type: ignore[union-attr]
+                    answered.append(key.fileobj)
+    return answered  # type: ignore[return-value]
+
+
+def test_slow_clients_from_some_sources_do_not_hold_up_a_signed_push_from_another(
+    hooks: Hooks,
+) -> None:
+    """Four sources each open more slow requests than they may hold: each keeps PER_SOURCE, the
+    rest get 429 at once, and a signed push from a fifth source is answered within 5 s and
+    delivered."""
+    delivered_everything_before(hooks)
+    sources = [f"127.0.0.{n}" for n in range(2, 6)]
+    held = [client for source in sources for client in slow_clients(source, PER_SOURCE + 4)]
+    stop = threading.Event()
+    trickling = threading.Thread(target=trickle, args=(held, stop), daemon=True)
+    trickling.start()
+    try:
+        assert len(answered_429(held)) == 4 * len(sources)
+        component = f"past-slow-{secrets.token_hex(3)}"
+        connection = http.client.HTTPConnection("127.0.0.1", 80, timeout=5)
+        connection.sock = socket.create_connection(("127.0.0.1", 80), 5, ("127.0.0.9", 0))
+        status, _ = hooks.post(TRIGGER, push(f"QubesOS/qubes-{component}"), connection)
+        assert status == 202
+    finally:
+        stop.set()
+        trickling.join()
+        for client in held:
+            client.close()
+    assert wait_for(lambda: all(component in triggered(qube) for qube in BUILD_QUBES))
+    lines = read(NET, f"{STATE}/services.log").splitlines()
+    assert sum(f"source={source} route={TRIGGER} status=429" in line
+               for source in sources for line in lines) >= 4 * len(sources)  # fmt: skip
+
+
+def test_a_replayed_delivery_is_acted_on_once_and_the_genuine_path_still_works(
+    hooks: Hooks,
+) -> None:
+    delivered_everything_before(hooks)
+    command = SIGNED_COMMAND.replace("202611290800", str(secrets.randbelow(10**12)))
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = json.dumps({"action": "created", "issue": {"number": 7},
+                       "comment": {"body": command, "created_at": created}}).encode()  # fmt: skip
+    status, genuine = hooks.post(COMMENT, body, event="issue_comment")
+    assert status == 202
+    replays = [hooks.post(COMMENT, body, event="issue_comment") for _ in range(10)]
+    replays.append(hooks.post(COMMENT, body, event="issue_comment", delivery=genuine))
+    assert {status for status, _ in replays} == {200}
+    # The same signed body as a push, and a push signed four days ago: refused.
+    assert hooks.post(TRIGGER, body)[0] == 400
+    stale = json.loads(push("QubesOS/qubes-stale"))
+    stale["repository"]["pushed_at"] -= 4 * 86400
+    assert hooks.post(TRIGGER, json.dumps(stale).encode())[0] == 400
+    # Nested past 400 (signed): refused and logged.
+    status, deep = hooks.post(TRIGGER, b"[" * 401 + b"]" * 401)
+    assert status == 400
+    delivered_everything_before(hooks)  # a genuine push after all that: accepted, delivered
+    for qube in BUILD_QUBES:
+        assert read(qube, COMMANDS).count(command) == 1, qube
+    lines = log_lines()
+
+    def decisions(delivery: str) -> list[str]:
+        return [line.split("decision=")[1].split()[0] for line in lines
+                if f"delivery={delivery} " in line]  # fmt: skip
+
+    for _, delivery in replays[:-1]:
+        assert decisions(delivery) == ["duplicate"], delivery
+    # Accepted once, its redelivery a duplicate (besides the worker's delivery lines).
+    assert [d for d in decisions(genuine) if d != "delivered"] == ["accepted", "duplicate"]
+    [deep_line] = [line for line in lines if f"delivery={deep} " in line]
+    assert "nests deeper than 400" in deep_line

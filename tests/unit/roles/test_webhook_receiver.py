@@ -4,15 +4,18 @@ WSGI application served by wsgiref (and once by gunicorn on a unix socket, as in
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +70,7 @@ class Place:
 
     def post(self, route: str, body: bytes, **options: str) -> tuple[int, str]:
         """A webhook signed with SECRET (options: event, delivery, signed)."""
-        options.setdefault("delivery", "d-1")
+        options.setdefault("delivery", str(uuid.uuid4()))
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         return github_webhook.post(connection, route, body, secret=SECRET, **options)
 
@@ -76,12 +79,17 @@ def sign(body: bytes, secret: bytes = SECRET) -> str:
     return github_webhook.signature(secret, body)
 
 
-def push(full_name: str) -> bytes:
-    return json.dumps({"ref": "refs/tags/v1", "repository": {"full_name": full_name}}).encode()
+def push(full_name: str, **fields: object) -> bytes:
+    """A push's body; each one differs (its `after`, as a new commit's), as GitHub's do."""
+    payload = {"ref": "refs/tags/v1", "after": os.urandom(20).hex(), **fields,
+               "repository": {"full_name": full_name}}  # fmt: skip
+    return json.dumps(payload).encode()
 
 
-def comment(body: str, action: str = "created") -> bytes:
-    return json.dumps({"action": action, "comment": {"body": body}}).encode()
+def comment(body: str, action: str = "created", **fields: object) -> bytes:
+    payload = {"action": action, "issue": {"number": int.from_bytes(os.urandom(3))},
+               "comment": {"body": body, **fields}}  # fmt: skip
+    return json.dumps(payload).encode()
 
 
 TRIGGER = "/api/services/trigger_build"
@@ -210,12 +218,32 @@ def test_a_repository_name_that_is_no_component_name_is_refused(
     assert place.spooled() == []
 
 
-def test_a_signed_body_nested_too_deep_is_refused_and_logged(place: Place) -> None:
-    depth = 2_000  # within the test settings' 4096-byte body limit; Python stops at about 1,000
-    status, text = place.post(TRIGGER, b"[" * depth + b"]" * depth)
-    assert status == 400, text
-    assert "nests too deeply" in place.log_lines()[-1]
-    assert place.spooled() == []
+def nested_push(depth: int, opening: str = "[", closing: str = "]") -> bytes:
+    """A push whose JSON nests depth deep (the top object counts as 1)."""
+    inner = opening * (depth - 1) + closing * (depth - 1)
+    if opening == "{":
+        inner = '{"a":' * (depth - 1) + "1" + "}" * (depth - 1)
+    return push("QubesOS/qubes-deep")[:-1] + f', "deep": {inner}}}'.encode()
+
+
+@pytest.mark.parametrize("opening, closing", [("[", "]"), ("{", "}")])
+def test_json_nested_deeper_than_400_is_refused_and_logged_and_400_deep_is_read(
+    tmp_path: Path, opening: str, closing: str
+) -> None:
+    for place in serve(tmp_path, max_body=65536):
+        for depth in (401, 5_000):
+            status, text = place.post(TRIGGER, nested_push(depth, opening, closing))
+            assert status == 400, text
+            assert 'reason="the body\'s JSON nests deeper than 400"' in place.log_lines()[-1]
+        assert place.spooled() == []
+        status, text = place.post(TRIGGER, nested_push(400, opening, closing))
+        assert status == 202, text
+        assert place.spooled() == ["trigger-deep"]
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting(place: Place) -> None:
+    body = push("QubesOS/qubes-strings", message='[{ \\" ' * 450)
+    assert place.post(TRIGGER, body)[0] == 202
 
 
 def test_a_component_of_64_characters_is_accepted(place: Place) -> None:
@@ -704,3 +732,180 @@ def test_the_attempts_of_one_call_stay_within_the_call_timeout_together(
     decisions = [decision for _, decision in deliveries(place, "refusing")]
     assert len(decisions) < webhook_worker.MAX_ATTEMPTS and decisions[-1] == "gave-up"
     assert set(decisions[:-1]) == {"retrying"}
+
+
+# -- a delivery is acted on once -------------------------------------------------------------------
+WINDOW = 259200  # the settings' default replay window, in seconds
+
+
+def decisions_of(place: Place) -> list[str]:
+    return [line.split(" decision=")[1].split()[0] for line in place.log_lines()]
+
+
+def test_a_replayed_body_or_delivery_id_is_answered_200_once_logged_and_not_spooled(
+    place: Place,
+) -> None:
+    body = push("QubesOS/qubes-core-admin")
+    assert place.post(TRIGGER, body, delivery="genuine")[0] == 202
+    replays = [
+        place.post(TRIGGER, body, delivery=f"forged-{n}", event=event)[0]
+        for n, event in enumerate(["push", "push", "push"])
+    ]
+    # The same delivery id with another (signed) body: GitHub's redelivery of an accepted one.
+    replays.append(place.post(TRIGGER, push("QubesOS/qubes-other"), delivery="genuine")[0])
+    assert replays == [200] * 4
+    assert place.spooled() == ["trigger-core-admin"]
+    assert decisions_of(place) == ["accepted"] + ["duplicate"] * 4
+    assert all('reason="this delivery or body was accepted before"' in line
+               for line in place.log_lines()[1:])  # fmt: skip
+
+
+def test_a_replayed_comment_after_its_delivery_is_still_a_duplicate(place: Place) -> None:
+    body = comment(SIGNED_COMMAND)
+    assert place.post(COMMENT, body, event="issue_comment")[0] == 202
+    [name] = place.spooled()
+    (place.spool / name).unlink()  # delivered: the spool no longer has it
+    statuses = {place.post(COMMENT, body, event="issue_comment")[0] for _ in range(20)}
+    assert statuses == {200}
+    assert place.spooled() == []
+    assert decisions_of(place) == ["accepted"] + ["duplicate"] * 20
+
+
+def test_the_memory_of_deliveries_survives_a_restart(tmp_path: Path) -> None:
+    body = push("QubesOS/qubes-a")
+    for place in serve(tmp_path):
+        assert place.post(TRIGGER, body)[0] == 202
+        (place.spool / "trigger-a").unlink()
+    for place in serve(tmp_path):
+        assert place.post(TRIGGER, body)[0] == 200
+        assert place.spooled() == []
+
+
+def test_a_delivery_refused_for_a_full_spool_is_accepted_when_github_sends_it_again(
+    tmp_path: Path,
+) -> None:
+    for place in serve(tmp_path, spool_max_events=1):
+        assert place.post(TRIGGER, push("QubesOS/qubes-a"))[0] == 202
+        body = push("QubesOS/qubes-b")
+        assert place.post(TRIGGER, body, delivery="redelivered")[0] == 503
+        (place.spool / "trigger-a").unlink()
+        assert place.post(TRIGGER, body, delivery="redelivered")[0] == 202
+        assert place.spooled() == ["trigger-b"]
+
+
+def test_the_same_body_sent_at_once_to_two_receiver_processes_is_accepted_once(
+    tmp_path: Path,
+) -> None:
+    settings = write_settings(tmp_path)
+    receivers = [webhook_receiver.create_application(str(settings)) for _ in range(2)]
+    body = push("QubesOS/qubes-raced")
+    start = threading.Barrier(8)
+    statuses: list[str] = []
+
+    def send(receiver: webhook_receiver.Receiver) -> None:
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": TRIGGER, "CONTENT_LENGTH": str(len(body)),
+                   "wsgi.input": io.BytesIO(body), "HTTP_X_GITHUB_EVENT": "push",
+                   "HTTP_X_HUB_SIGNATURE_256": sign(body),
+                   "HTTP_X_GITHUB_DELIVERY": str(uuid.uuid4())}  # fmt: skip
+        start.wait()
+        receiver(environ, lambda status, headers: statuses.append(status))
+
+    threads = [threading.Thread(target=send, args=(receivers[n % 2],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == ["200 OK"] * 7 + ["202 Accepted"]
+
+
+def timed_push(name: str, pushed_at: object) -> bytes:
+    payload = {"ref": "refs/heads/main", "after": os.urandom(20).hex(),
+               "repository": {"full_name": name, "pushed_at": pushed_at}}  # fmt: skip
+    return json.dumps(payload).encode()
+
+
+def iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def test_a_body_signed_longer_ago_than_the_window_or_in_the_future_is_refused(
+    place: Place,
+) -> None:
+    now = time.time()
+    refused = {
+        "push, old": place.post(TRIGGER, timed_push("QubesOS/qubes-a", int(now) - WINDOW - 60)),
+        "push, future": place.post(TRIGGER, timed_push("QubesOS/qubes-a", int(now) + 3600)),
+        "push, not a time": place.post(TRIGGER, timed_push("QubesOS/qubes-a", "yesterday")),
+        "push, no zone": place.post(TRIGGER, timed_push("QubesOS/qubes-a", "2026-01-01T00:00")),
+        "comment, old": place.post(
+            COMMENT, comment(SIGNED_COMMAND, created_at=iso(now - WINDOW - 60)),
+            event="issue_comment"),
+    }  # fmt: skip
+    assert {name: status for name, (status, _) in refused.items()} == dict.fromkeys(refused, 400)
+    assert place.spooled() == []
+    reasons = [line.split("reason=")[1] for line in place.log_lines()]
+    assert sum("too old: signed" in reason for reason in reasons) == 3
+    assert sum("repository.pushed_at is not a time" in reason for reason in reasons) == 2
+    # Within the window (GitHub's times: a push's epoch seconds, a comment's ISO 8601).
+    assert place.post(TRIGGER, timed_push("QubesOS/qubes-a", int(now) - WINDOW + 60))[0] == 202
+    fresh = comment(SIGNED_COMMAND, created_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00"))
+    assert place.post(COMMENT, fresh, event="issue_comment")[0] == 202
+
+
+@pytest.mark.parametrize(
+    "route, event, payload",
+    [
+        # Another event's body under the route's event name (the header is not signed).
+        (TRIGGER, "push", {"action": "created", "issue": {}, "comment": {"body": "x"},
+                           "repository": {"full_name": "QubesOS/qubes-a"}}),
+        (TRIGGER, "push", {"ref": "v1", "ref_type": "tag",
+                           "repository": {"full_name": "QubesOS/qubes-a"}}),
+        (TRIGGER, "push", {"ref": "refs/heads/main", "action": "opened",
+                           "repository": {"full_name": "QubesOS/qubes-a"}}),
+        (TRIGGER, "push", {"repository": {"full_name": "QubesOS/qubes-a"}}),
+        (COMMENT, "issue_comment", {"ref": "refs/heads/main", "comment": {"body": SIGNED_COMMAND}}),
+        (COMMENT, "issue_comment", {"action": "created", "pull_request": {},
+                                    "comment": {"body": SIGNED_COMMAND}}),
+        (COMMENT, "issue_comment", {"action": "created", "comment": {"body": SIGNED_COMMAND,
+                                                                     "commit_id": "0" * 40}}),
+    ],
+)  # fmt: skip
+def test_a_body_whose_shape_is_not_the_routes_event_is_refused(
+    place: Place, route: str, event: str, payload: dict[str, object]
+) -> None:
+    status, text = place.post(route, json.dumps(payload).encode(), event=event)
+    assert status == 400, text
+    assert f"is not that of a {event} event" in place.log_lines()[-1]
+    assert place.spooled() == []
+
+
+def test_past_its_space_bound_the_memory_refuses_what_it_forgot_if_the_body_has_a_time(
+    tmp_path: Path,
+) -> None:
+    for place in serve(tmp_path, deliveries_max=3):
+        now = int(time.time())
+        timed = timed_push("QubesOS/qubes-t0", now - 5)
+        untimed = push("QubesOS/qubes-u0")
+        assert place.post(TRIGGER, timed)[0] == 202
+        assert place.post(TRIGGER, untimed)[0] == 202
+        for number in range(1, 4):
+            assert place.post(TRIGGER, timed_push(f"QubesOS/qubes-t{number}", now))[0] == 202
+        database = sqlite3.connect(place.root / "deliveries.sqlite")
+        assert database.execute("SELECT COUNT(*) FROM seen").fetchone() == (3,)
+        database.close()
+        for name in place.spooled():
+            (place.spool / name).unlink()
+        status, text = place.post(TRIGGER, timed)
+        assert status == 400 and "signed before the oldest delivery still remembered" in text
+        # GitHub never sends a push without its time: such a body, forgotten, is accepted again.
+        assert place.post(TRIGGER, untimed)[0] == 202
+
+
+def test_a_broken_memory_of_deliveries_answers_503_logged_and_acts_on_nothing(
+    place: Place,
+) -> None:
+    (place.root / "deliveries.sqlite").write_bytes(b"not a database" * 100)
+    status, text = place.post(TRIGGER, push("QubesOS/qubes-a"))
+    assert status == 503, text
+    assert "the memory of deliveries failed" in place.log_lines()[-1]
+    assert place.spooled() == []

@@ -98,7 +98,7 @@ def test_the_receiver_and_the_worker_run_as_the_user_without_privilege_or_networ
     assert "DevicePolicy" not in worker and "DeviceAllow" not in worker
 
 
-def test_nginx_reaches_the_receiver_and_keeps_its_files_in_its_runtime_folder() -> None:
+def test_nginx_reaches_the_receiver_and_keeps_its_files_in_its_runtime_and_state_folders() -> None:
     receiver = rendered(UNITS["receiver"])["Service"]
     nginx = rendered(UNITS["nginx"])["Service"]
     configuration = render_template(ROLE, "webhooks-nginx.conf.j2", **VALUES)
@@ -108,8 +108,13 @@ def test_nginx_reaches_the_receiver_and_keeps_its_files_in_its_runtime_folder() 
     runtime = "/run/" + one(nginx, "RuntimeDirectory")
     assert one(nginx, "PIDFile") == f"{runtime}/nginx.pid"
     assert f"pid {runtime}/nginx.pid;" in configuration
-    temporary = re.findall(r"^\s*\w+_temp_path (\S+);", configuration, re.MULTILINE)
-    assert len(temporary) == 5 and all(path.startswith(f"{runtime}/") for path in temporary)
+    temporary = dict(re.findall(r"^\s*(\w+)_temp_path (\S+);", configuration, re.MULTILINE))
+    # Request bodies on disk, in the unit's state folder; /run is RAM.
+    body = temporary.pop("client_body")
+    assert body == "/var/lib/" + one(nginx, "StateDirectory") + "/body"
+    assert len(temporary) == 4 and all(
+        path.startswith(f"{runtime}/") for path in temporary.values()
+    )
     # The firewall step runs as root outside the sandbox; nginx itself gets no CAP_NET_ADMIN.
     assert nginx["ExecStartPre"] == [f"+{VALUES['webhooks_firewall']}"]
     assert "CAP_NET_ADMIN" not in one(nginx, "CapabilityBoundingSet")
