@@ -69,7 +69,7 @@ def _pending(folder: str) -> list[str]:
         for entry in entries:
             if entry.name.startswith(EVENT_PREFIXES) and entry.is_file(follow_symlinks=False):
                 found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
-    return [name for _, name in sorted(found)]
+    return [name for _mtime, name in sorted(found)]
 
 
 def load(path: str, max_bytes: int) -> Event:
