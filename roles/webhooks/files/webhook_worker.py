@@ -284,6 +284,17 @@ class Worker:
         queue.prepare()
         return queue
 
+    def log_queued(self, vm: str, event: Event, decision: str, reason: str) -> None:
+        """One line for what a qube's queue did with an event (coalesced, dropped)."""
+        self.log.write(
+            worker="queue",
+            qube=vm,
+            delivery=event.content.get("delivery", ""),
+            component=event.content.get("component", ""),
+            decision=decision,
+            reason=reason,
+        )
+
     def fan_out(self, vms: list[str]) -> None:
         """Hand every accepted event to the queue of each listed qube; with no qube listed
         they wait (the receiver answers 503 once its part of the spool is full)."""
@@ -298,24 +309,12 @@ class Worker:
             for vm in vms:
                 outcome, dropped = self.queue(vm).offer(event)
                 if outcome == "coalesced":
-                    self.log.write(
-                        worker="queue",
-                        qube=vm,
-                        delivery=event.content.get("delivery", ""),
-                        component=event.content.get("component", ""),
-                        decision="coalesced",
-                        reason="a trigger of this component waits for this qube",
-                    )
+                    reason = "a trigger of this component waits for this qube"
+                    self.log_queued(vm, event, "coalesced", reason)
                 for old in dropped:
-                    self.log.write(
-                        worker="queue",
-                        qube=vm,
-                        delivery=old.content.get("delivery", ""),
-                        component=old.content.get("component", ""),
-                        decision="dropped",
-                        reason=f"the queue of {vm} holds {self.settings.queue_max_events} "
-                        "events: its oldest one is dropped",
-                    )
+                    reason = (f"the queue of {vm} holds {self.settings.queue_max_events} "
+                              "events: its oldest one is dropped")  # fmt: skip
+                    self.log_queued(vm, old, "dropped", reason)
                 if outcome == "queued" and vm in self.deliveries:
                     self.deliveries[vm].wake.set()
             self.spool.handed_over(event)
