@@ -26,7 +26,7 @@ COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
 NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
 
-.PHONY: help demo test test-checks test-lane-qubes test-lane-site bootstrap apt template-packages \
+.PHONY: help demo test test-lane-checks test-lane-qubes test-lane-site bootstrap apt template-packages \
   lint sanity unit integration integration-other-release floor floor-unit floor-site molecule bench \
   clean
 
@@ -52,38 +52,43 @@ demo: bootstrap
 	$(QUBESIM) dom0 -- qvm-ls
 	$(QUBESIM) dom0 -- demo/build-and-verify
 
-# make test runs in three lanes side by side: the checks that need no simulated host, and two
-# lanes of simulated hosts, each host in a network namespace of its own (tests/utils/own-network),
-# so that their qubes and worlds bind the same loopback ports without meeting. Most of an
-# integration test's time goes to waiting on qubes, so two cores carry the lanes well. A lane's
-# hosts go when the lane ends; each part's output is printed as a whole when the part ends.
+# make test runs in three lanes side by side, each part's output printed whole when it ends. Most
+# of an integration test's time goes to waiting on qubes, so two cores carry them well:
+# - the checks that need no simulated host, then molecule;
+# - qubesim's and the plugins' tests on each release, then the oldest ansible-core's site;
+# - the tests of the converged site, the roles and the playbooks.
+# Each lane's hosts live under a home of their own and go when the lane ends. Only the last lane
+# uses this machine's network (its tests download through the updates proxy); the other lanes'
+# hosts get a network namespace of their own (tests/utils/own-network) with only a loopback, so
+# that every host's qubes and world bind the same loopback ports without meeting.
 test: bootstrap $(FLOOR_VENV)/.installed
-	$(MAKE) --jobs=3 --output-sync=target --keep-going test-checks test-lane-qubes test-lane-site
+	$(MAKE) --jobs=3 --output-sync=target --keep-going test-lane-checks test-lane-qubes \
+	  test-lane-site
 
 # A lane runs its parts one after the other (one goal per make: several would run side by side).
-test-checks:
+test-lane-checks:
 	$(MAKE) lint
 	$(MAKE) sanity
 	$(MAKE) unit
 	$(MAKE) floor-unit
+	$(call in_lane,molecule) $(OWN_NETWORK) $(MAKE) molecule
 
-# One lane's host (named after the lane) and its loopback, for the rest of the recipe line.
-in_lane = export QUBESIM_HOME=$(LANE_HOME)-$(1); trap '$(QUBESIM) destroy >/dev/null' EXIT; \
-  $(OWN_NETWORK)
+test-lane-qubes:
+	$(MAKE) integration-other-release
+	$(call in_lane,qubes) $(OWN_NETWORK) sh -c '$(MAKE) integration \
+	  INTEGRATION_TESTS="$(QUBE_TESTS)" && $(MAKE) floor-site'
+
+test-lane-site:
+	$(call in_lane,site) $(MAKE) integration INTEGRATION_TESTS="$(SITE_TESTS)"
+
+# One lane's host (named after the lane) for the rest of the recipe line.
+in_lane = export QUBESIM_HOME=$(LANE_HOME)-$(1); trap '$(QUBESIM) destroy >/dev/null' EXIT;
 LANE_HOME := /var/lib/qubesim-lane
 OWN_NETWORK := $(CURDIR)/tests/utils/own-network
 # The tests of qubesim and of the plugins, which make and remove qubes of their own; the others
 # (the converged site, the roles, the playbooks) share the qubes the site converges.
 QUBE_TESTS := tests/integration/qubesim tests/integration/plugins
 SITE_TESTS := tests/integration/converged tests/integration/roles tests/integration/playbooks
-
-test-lane-qubes:
-	$(MAKE) integration-other-release
-	$(call in_lane,qubes) $(MAKE) integration INTEGRATION_TESTS="$(QUBE_TESTS)"
-
-test-lane-site:
-	$(call in_lane,site) sh -c '$(MAKE) floor-site && \
-	  $(MAKE) integration INTEGRATION_TESTS="$(SITE_TESTS)" && $(MAKE) molecule'
 
 bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK) template-packages
 
@@ -157,13 +162,13 @@ OTHER_RELEASE_SLICE := $(addprefix tests/integration/qubesim/,test_releases.py t
   test_template_snapshots.py test_split_gpg.py test_privileges.py test_qvm_run.py) \
   tests/integration/plugins/connection/test_root.py
 integration-other-release: bootstrap
-	$(call in_lane,$(OTHER_RELEASE)) sh -c '$(QUBESIM) init --release $(OTHER_RELEASE) && \
+	$(call in_lane,$(OTHER_RELEASE)) $(OWN_NETWORK) sh -c '$(QUBESIM) init --release $(OTHER_RELEASE) && \
 	  $(QUBESIM) dom0 -- pytest $(OTHER_RELEASE_SLICE)'
 
 # The oldest supported ansible-core (pyproject.toml's `floor`), in a virtual environment of its
 # own: the unit tests (floor-unit), then (floor-site) the connection plugin's refusal of planted
 # facts, which that version resolves through another hook, and the whole site and its
-# verification converged from a fresh simulated host.
+# verification converged on a simulated host (in make test, the one qubesim's tests used).
 $(FLOOR_VENV)/.installed: pyproject.toml | apt
 	[ -x $(FLOOR_BIN)/python ] || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_BIN)/pip install --quiet --disable-pip-version-check -e '.[floor]'

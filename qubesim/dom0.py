@@ -34,6 +34,7 @@ def ensure_holder(layout: Layout) -> int:
     upper, work = _etc_layer(layout)
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    layout.dom0_home.mkdir(mode=0o700, parents=True, exist_ok=True)
     return daemon.ensure_singleton(layout, HOLDER, "qubesim.dom0")
 
 
@@ -55,6 +56,7 @@ def dom0_environment(layout: Layout) -> dict[str, str]:
     environment = {
         **os.environ,
         "QUBESIM_HOME": str(layout.home),
+        "HOME": str(layout.dom0_home),
         "PATH": f"{layout.dom0_bin}:{path}",
     }
     if "ANSIBLE_INVENTORY" not in environment and SIMULATED_INVENTORY.exists():

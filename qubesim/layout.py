@@ -44,6 +44,13 @@ class Layout:
         return self.home / "dom0"
 
     @property
+    def dom0_home(self) -> Path:
+        """The home of dom0's user (root here): a dom0 is a machine of its own, so what a program
+        keeps in its home (Ansible's connection sockets and temporary files, molecule's state)
+        is never shared with another simulated host or with this machine."""
+        return self.dom0 / "home"
+
+    @property
     def dom0_bin(self) -> Path:
         """The qvm tools, put first on PATH inside `qubesim dom0`."""
         return self.dom0 / "bin"
@@ -59,6 +66,7 @@ class Layout:
             (self.logs, 0o700),
             (self.dom0, 0o711),
             (self.dom0_bin, 0o755),
+            (self.dom0_home, 0o700),
         ):
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(mode)
