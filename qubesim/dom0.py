@@ -8,12 +8,14 @@ there when it is not already.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
 
 from qubesim import daemon, linux
+from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 
 HOLDER = "dom0"
@@ -31,11 +33,49 @@ def holder_pid(layout: Layout) -> int | None:
 
 
 def ensure_holder(layout: Layout) -> int:
+    # Never made anew here: a command still running while `qubesim destroy` removes the host
+    # must fail, not leave a half host behind.
+    if not layout.home.is_dir():
+        raise QubesimError(f"no simulated Qubes host at {layout.home}: run 'qubesim init' first")
     upper, work = _etc_layer(layout)
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     layout.dom0_home.mkdir(mode=0o700, parents=True, exist_ok=True)
     return daemon.ensure_singleton(layout, HOLDER, "qubesim.dom0")
+
+
+def _mount_namespace(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return None
+
+
+def _ancestors() -> set[int]:
+    """This process and those it descends from."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def end_commands(layout: Layout) -> None:
+    """Kill every process still running in dom0 (what `qubesim dom0` started, and the tools
+    those run), as a host's shutdown ends them; the caller and its ancestors are spared."""
+    holder = holder_pid(layout)
+    namespace = _mount_namespace(holder) if holder is not None else None
+    if namespace is None:
+        return
+    spared = _ancestors() | {holder}
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    for pid in pids:
+        if pid not in spared and _mount_namespace(pid) == namespace:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def in_dom0(pid: int) -> bool:

@@ -165,6 +165,7 @@ def destroy(layout: Layout) -> bool:
     holder = dom0.holder_pid(layout)
     if holder is not None:
         dom0.ensure_in_dom0(layout)
+        dom0.end_commands(layout)
     database = Database(layout)
     if database.exists():
         runtime = Runtime(layout)
@@ -177,5 +178,8 @@ def destroy(layout: Layout) -> bool:
     daemon.stop_singleton(layout, daemon.QREXEC)
     daemon.stop_singleton(layout, dom0.HOLDER)
     world.down(world.World(layout))
-    shutil.rmtree(layout.home)
+    # Out of the way at once: a command that was still starting sees no host and refuses.
+    removed = layout.home.with_name(f".{layout.home.name}.removed-{os.getpid()}")
+    layout.home.rename(removed)
+    shutil.rmtree(removed)
     return True
