@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "max_stored_bytes": 50 << 20,
     "compress_above_bytes": 10 << 20,
     "quota_bytes": 1 << 30,
+    "max_streams": 4,
     "git_timeout": 300,
     "notify": ["qrexec-client-vm", "dom0", "qubesbuilder.LogReceived+{source}"],
     "notify_timeout": 120,

@@ -17,7 +17,9 @@ caller's exit code.
 
 Bounds a caller can make this process use: one read (64 KiB) plus one unfinished line
 (max_line_bytes) of memory; max_log_bytes of plain text on disk while it streams, then at most
-max_stored_bytes once stored.
+max_stored_bytes once stored. A caller streams at most max_streams logs at once (a call past
+that is refused before anything is read or stored), so the disk one caller can take is its
+quota of stored logs plus max_streams x max_log_bytes while they stream.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ STORED_TRUNCATED = b"> log truncated: stored size limit reached"
 # plus the container's trailer and the closing lines: kept free under max_stored_bytes.
 XZ_RESERVE = 1 << 17
 XZ_PIECE = 1 << 16
+# Under the clone's .git: a lock file per stream slot of each caller.
+STREAMS = "qubes-infra-build-streams"
 
 
 def caller() -> str:
@@ -59,6 +63,24 @@ def sub_folder(argv: list[str]) -> str:
     """The optional argument, made a single safe path element (as qubes-builder does)."""
     raw = argv[1] if len(argv) > 1 else os.environ.get("QREXEC_SERVICE_ARGUMENT", "")
     return SUB_FOLDER_UNSAFE.sub(b"_", raw.encode("utf-8", "replace")[:64]).decode("ascii")
+
+
+def claim_stream(root: str, source: str, max_streams: int) -> int:
+    """A descriptor holding one of source's max_streams stream slots (a lock the kernel drops
+    when this process ends, however it ends); SystemExit when all are held."""
+    folder = os.path.join(root, ".git", STREAMS, source)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for slot in range(max_streams):
+        fd = os.open(os.path.join(folder, str(slot)), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+    raise SystemExit(
+        f"qubesbuilder.BuildLog: {source} already streams {max_streams} logs"
+        " (build_logs_max_streams_per_caller): refused"
+    )
 
 
 def create_log(directory: str, started: datetime.datetime) -> tuple[str, int]:
@@ -209,6 +231,7 @@ def main(argv: list[str]) -> int:
     config = load_config()
     source = caller()
     root = config["directory"]
+    claim_stream(root, source, int(config["max_streams"]))  # held until this process ends
     folder = os.path.join(root, source, sub_folder(argv))
     started = datetime.datetime.now(datetime.UTC)
     path, fd = create_log(os.path.normpath(folder), started)

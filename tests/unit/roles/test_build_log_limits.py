@@ -207,3 +207,48 @@ def test_a_log_a_dead_receiver_left_goes_with_the_next_one_commit_each(setup: Se
         "Build log build-a/log_2000-01-01_00-00-00",
     ]
     assert "build-a/log_2000-01-01_00-00-01" not in remote_files(setup)
+
+
+def open_stream(setup: Setup, source: str) -> subprocess.Popen[bytes]:
+    """A BuildLog call from source that has started its log and keeps streaming."""
+    environment = {**setup.environment, "QREXEC_REMOTE_DOMAIN": source}
+    stream = subprocess.Popen(
+        ["python3", str(receiver_tests.RECEIVER)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment,
+    )
+    assert stream.stdin is not None
+    stream.stdin.write(b"building\n")
+    stream.stdin.flush()
+    return stream
+
+
+def test_a_caller_past_its_streams_is_refused_and_no_other_stream_is_touched(
+    setup: Setup,
+) -> None:
+    setup.settings(max_streams=2)
+    streams = [open_stream(setup, "build-a") for _ in range(2)]
+    try:
+        logs = setup.clone / "build-a"
+        deadline = time.monotonic() + 30
+        while len(list(logs.glob("log_*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = setup.receive(b"one more\n")
+        assert refused.returncode == 1
+        assert refused.stderr.decode().strip() == (
+            "qubesbuilder.BuildLog: build-a already streams 2 logs"
+            " (build_logs_max_streams_per_caller): refused"
+        )
+        assert len(list(logs.glob("log_*"))) == 2  # nothing stored for the refused call
+        # Another build qube's slots are its own.
+        assert setup.receive(b"other\n", source="build-b").returncode == 0
+    finally:
+        for stream in streams:
+            assert stream.stdin is not None
+            stream.stdin.close()
+    # The streams going on end and are published; their slots are free again.
+    assert [stream.wait(timeout=120) for stream in streams] == [0, 0]
+    assert setup.receive(b"later\n").returncode == 0
+    assert len(setup.remote_log()) == 1 + 4
