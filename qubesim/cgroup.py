@@ -9,8 +9,10 @@ boots and removed once its last process has gone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,11 +25,15 @@ HIERARCHIES = ("systemd", "unified")
 EMPTY_TIMEOUT_SECONDS = 10
 
 
+def of_host(layout: Layout) -> str:
+    """The subtree of every qube of the host, the same in each hierarchy; hosts under different
+    homes never share one."""
+    return f"qubesim/{hashlib.sha256(str(layout.home).encode()).hexdigest()[:12]}"
+
+
 def of_qube(layout: Layout, name: str) -> str:
-    """The qube's subtree, the same in each hierarchy; hosts under different homes never share
-    one."""
-    home = hashlib.sha256(str(layout.home).encode()).hexdigest()[:12]
-    return f"qubesim/{home}/{name}"
+    """The qube's subtree."""
+    return f"{of_host(layout)}/{name}"
 
 
 def prepare(subtree: str) -> None:
@@ -62,6 +68,18 @@ def remove(subtree: str) -> None:
                     message = f"the qube's cgroup {path} is still in use: {error}"
                     raise QubesimError(message) from None
                 time.sleep(0.05)
+
+
+def kill_all(subtree: str) -> None:
+    """Kill every process left in subtree and remove it: whatever a qube of a host left running
+    (its monitor gone) goes with the host."""
+    for name in HIERARCHIES:
+        for procs in (ROOT / name / subtree).rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+    remove(subtree)
 
 
 def _remove_tree(path: Path) -> None:

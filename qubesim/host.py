@@ -3,13 +3,14 @@ distribution's template and its minimal one, and the service qubes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from importlib import resources
 from pathlib import Path
 
-from qubesim import daemon, dom0, ports, release, template, world
+from qubesim import cgroup, daemon, dom0, ports, release, template, world
 from qubesim.errors import QubesimError
 from qubesim.layout import Layout
 from qubesim.model import Database, State
@@ -165,13 +166,18 @@ def destroy(layout: Layout) -> bool:
     holder = dom0.holder_pid(layout)
     if holder is not None:
         dom0.ensure_in_dom0(layout)
-        dom0.end_commands(layout)
     database = Database(layout)
-    if database.exists():
+    state = database.read() if database.exists() else None
+    if state is not None:
         runtime = Runtime(layout)
-        state = database.read()
         for name in state.names():
             runtime.kill(name)
+    # Then whatever still runs in dom0 (it might start a qube again), and anything a qube left.
+    if holder is not None:
+        dom0.end_commands(layout)
+    with contextlib.suppress(QubesimError):
+        cgroup.kill_all(cgroup.of_host(layout))
+    if state is not None:
         for name in state.names():
             if state.qubes[name]["klass"] == "TemplateVM":
                 template.unmount(layout, name)

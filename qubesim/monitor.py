@@ -45,10 +45,17 @@ def _wait_for_agent(spec: guest_init.BootSpec, pid: int) -> str:
         if os.path.lexists(started):
             return daemon.READY
         if linux.process_start_time(pid) is None or _is_zombie(pid):
-            return f"cannot start {spec.name}: its init ended while booting"
+            return f"cannot start {spec.name}: its init ended while booting ({_ended(pid)})"
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     return f"cannot start {spec.name}: its qrexec agent did not start in {START_TIMEOUT_SECONDS} s"
+
+
+def _ended(pid: int) -> str:
+    """How the qube's pid 1 ended (it is reaped here)."""
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
 def _is_zombie(pid: int) -> bool:
@@ -143,7 +150,8 @@ def main(notify_fd: int) -> int:
         daemon.notify_ready(notify_fd)
     else:
         daemon.notify(notify_fd, answer)
-    os.waitpid(pid, 0)
+    with contextlib.suppress(ChildProcessError):  # reaped already when it ended while booting
+        os.waitpid(pid, 0)
     signal.alarm(0)
     linux.setns(host_pids, linux.CLONE_NEWPID)
     _clean_up(layout, spec, domain["root_owner"])
