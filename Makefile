@@ -24,7 +24,7 @@ APT_PACKAGES := python3 python3-venv sudo util-linux iproute2 procps git make gn
 ANSIBLE_TEST_PIP := 24.2
 COLLECTION_LINK := .collections/ansible_collections/qubes_infra/build
 # What the collection artifact leaves out (galaxy.yml build_ignore) is not checked by ansible-test.
-NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo|docs|\.ci)/|^(Makefile|pyproject\.toml)$$
+NOT_COLLECTION := ^(qubesim|tests/(unit|integration|utils)|extensions|bench|demo|\.ci)/|^(Makefile|pyproject\.toml)$$
 
 .PHONY: help demo test test-lane-checks test-lane-qubes test-lane-site bootstrap apt template-packages \
   lint sanity unit integration integration-other-release floor floor-unit floor-site molecule bench \

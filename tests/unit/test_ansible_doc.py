@@ -156,3 +156,19 @@ def test_every_role_has_a_readme_for_release_engineers() -> None:
             f"- {COLLECTION}.{name}",
         ):
             assert needed in readme, f"roles/{name}/README.md lacks {needed!r}"
+
+
+def test_the_readme_lists_all_included_content() -> None:
+    """The README's "Included content" names every role, playbook, module and plugin of the tree."""
+    readme = (REPOSITORY / "README.md").read_text()
+    section = readme.split("\n## Included content\n", 1)[1].split("\n## ", 1)[0]
+    needed = [f"| `{name}` |" for name in roles()]
+    needed += [f"(roles/{name}/README.md)" for name in roles()]
+    playbooks = sorted((REPOSITORY / "playbooks").glob("*.yml"))
+    needed += [f"| `{COLLECTION}.{path.stem}` |" for path in playbooks]
+    for plugin_type, name in python_plugins():
+        kind = "" if plugin_type == "module" else f" {plugin_type} |"
+        needed.append(f"| `{COLLECTION}.{name}` |{kind}")
+    needed += [f"| `{COLLECTION}.{name}` | filter |" for name in filters()]
+    missing = [entry for entry in needed if entry not in section]
+    assert not missing, f"README.md's Included content lacks {missing}"
