@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -81,3 +82,10 @@ def process_start_time(pid: int) -> int | None:
 def mount_points() -> set[str]:
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
         return {line.split()[4].replace("\\040", " ") for line in info}
+
+
+def raise_sysctl(name: str, minimum: int) -> None:
+    """Raise the kernel setting /proc/sys/NAME to at least minimum (never lower it)."""
+    path = Path("/proc/sys", name)
+    if int(path.read_text()) < minimum:
+        path.write_text(f"{minimum}\n")

@@ -23,6 +23,11 @@ from qubesim.model import ADMIN_VM, Database, State
 from qubesim.properties import OWN_ROOT
 
 START_TIMEOUT_SECONDS = 60
+# Every qube's systemd, journald, logind and user manager each hold inotify instances, counted
+# per user (root) across the machine: the kernel's default of 128 is spent by a few hosts' qubes,
+# and a systemd that cannot get one exits while booting (status 255). Container hosts raise it
+# likewise (LXD, Incus).
+INOTIFY_INSTANCES = 8192
 # What of a qube outlives a shutdown, as qubesdb's /qubes-vm-persistence tells the qube.
 _PERSISTENCE = {"TemplateVM": "full", "StandaloneVM": "full", "AppVM": "rw-only", "DispVM": "none"}
 QREXEC_EXEC = "/usr/lib/qubes/qubesim-exec"
@@ -165,6 +170,7 @@ class Runtime:
         return world.HOSTS
 
     def _boot(self, state: State, name: str, owner: str) -> Running:
+        linux.raise_sysctl("fs/inotify/max_user_instances", INOTIFY_INSTANCES)
         domain = {
             "boot": dataclasses.asdict(self._boot_spec(state, name, owner)),
             "shutdown_timeout": state.get_property(name, "shutdown_timeout"),

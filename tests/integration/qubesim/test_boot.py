@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from qubesim import runtime
 from tests.integration.conftest import Qvm
 
 UNITS = "/usr/local/lib/systemd/system"
@@ -55,6 +57,15 @@ def test_systemd_is_init_and_the_qube_boots_with_no_failed_unit(qvm: Qvm, appvm:
     assert _sh(qvm, appvm, "systemctl list-units --failed --no-legend --plain") == ""
     # The agent is up when qvm-start returns, as Qubes' qrexec agent is.
     assert _sh(qvm, appvm, "systemctl is-active qubes-qrexec-agent.service") == "active\n"
+
+
+def test_many_qubes_systemd_find_the_inotify_instances_they_need(qvm: Qvm, appvm: str) -> None:
+    """Each qube's systemd and its services hold inotify instances, counted for root across the
+    machine; at the kernel's default (128) a few hosts' qubes spend them and the next systemd
+    exits while booting. Starting a qube makes sure the machine allows many."""
+    qvm("qvm-start", "--skip-if-running", appvm)
+    allowed = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    assert allowed >= runtime.INOTIFY_INSTANCES
 
 
 def test_the_hosts_services_are_not_enabled_in_qubes(qvm: Qvm, appvm: str) -> None:
