@@ -17,6 +17,7 @@ from typing import Any
 
 from ansible import context
 from ansible.errors import AnsibleError
+from ansible.parsing.splitter import parse_kv
 from ansible.plugins.action import ActionBase
 from ansible.utils.vars import load_extra_vars
 from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
@@ -34,7 +35,8 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_infra_file
     read_description,
 )
 
-MISSING = object()
+MISSING = object()  # not given to this host by the inventory
+UNRESOLVED = object()  # a value Ansible cannot template: never the inventory's
 ELSEWHERE = "not from the inventory's files (extra vars, host_vars, a vars file or play vars)"
 
 
@@ -54,6 +56,8 @@ class ActionModule(ActionBase):
         task_vars = task_vars or {}
         host = str(task_vars["inventory_hostname"])
         directory = str(task_vars.get("inventory_dir") or "")
+        if not directory:
+            return {**result, "changed": False, "msg": f"{host} comes from no inventory file"}
         try:
             description = read_description(self._loader, directory)
             published = host_variables(load(description), description).get(host)
@@ -108,7 +112,7 @@ class ActionModule(ActionBase):
         try:
             return plain(self._templar.template(value))
         except AnsibleError:
-            return MISSING
+            return UNRESOLVED
 
     def _source(self, name: str, host: str, task_vars: dict[str, Any]) -> str:
         """The source whose value Ansible uses, looked for in the order of Ansible's precedence,
@@ -122,16 +126,24 @@ class ActionModule(ActionBase):
     def _extra_vars(self, name: str) -> str | None:
         if name not in load_extra_vars(self._loader):
             return None
-        # The last -e that sets it wins, as in load_extra_vars.
+        # The last -e that sets it wins, each read as load_extra_vars reads it.
         for argument in reversed(context.CLIARGS.get("extra_vars", ())):
-            text = str(argument)
+            text = str(argument).strip()
             if text.startswith("@"):
-                data = self._load(self._loader.path_dwim(text[1:]))
-                if name in data:
-                    return f"extra vars (-e {text})"
-            elif name in text:
-                return "extra vars (-e on the command line)"
+                # Relative to the directory ansible-playbook was started in, as on the command line.
+                data = self._load(os.path.abspath(os.path.expanduser(text[1:])))
+            else:
+                data = self._parse(text)
+            if name in data:
+                return f"extra vars (-e {text})" if text.startswith("@") else "extra vars (-e)"
         return "extra vars (-e)"
+
+    def _parse(self, text: str) -> dict[str, Any]:
+        try:
+            data = self._loader.load(text) if text[:1] in "{[" else parse_kv(text)
+        except AnsibleError:
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def _play_vars(self, name: str) -> str | None:
         play = self._task.get_play()
