@@ -76,12 +76,18 @@ class ActionModule(ActionBase):
             for name in sorted(filter(_ours, task_vars))
             if self._resolved(task_vars[name]) != expected.get(name, MISSING)
         ]
-        if not differing:
-            return {
-                **result,
-                "changed": False,
-                "msg": "every build_infra variable is the inventory's",
-            }
+        if differing:
+            return {**result, **self._refusal(differing, expected, directory, task_vars)}
+        return {**result, "changed": False, "msg": "every build_infra variable is the inventory's"}
+
+    def _refusal(
+        self,
+        differing: list[str],
+        expected: dict[str, Any],
+        directory: str,
+        task_vars: dict[str, Any],
+    ) -> dict[str, Any]:
+        host = str(task_vars["inventory_hostname"])
         files = group_vars_all(directory)
         problems = [
             f"{name} for {host} comes from {self._source(name, host, task_vars)}"
@@ -93,7 +99,6 @@ class ActionModule(ActionBase):
             for name in differing
         ]
         return {
-            **result,
             "failed": True,
             "differing": differing,
             "msg": (
