@@ -9,7 +9,7 @@ version_added: 0.2.0
 description:
   - Compares every C(build_infra_*) variable and C(build_infra), as Ansible resolves them for the
     host in this task (extra vars, play vars, vars files, host_vars and group_vars all applied),
-    with the values the M(qubes_infra.build.build_envs#inventory) plugin gives the host from the
+    with the values the P(qubes_infra.build.build_envs#inventory) plugin gives the host from the
     C(group_vars/all) files next to the inventory. Those values are made again from the same files
     with the plugin's own code, so no other source can stand in for them.
   - On any difference it fails, naming each variable, the host and the source whose value won
@@ -24,11 +24,11 @@ author:
 options: {}
 attributes:
   check_mode:
+    description: Checks as in a normal run; it never changes anything.
     support: full
   diff_mode:
+    description: Nothing changes, so there is no diff.
     support: none
-  platform:
-    platforms: all
 notes:
   - A play's own C(vars) or C(vars_files) apply to that play only; they are seen when the task runs
     in the same play (the preflight runs in its own plays, where a wrapper's C(import_playbook)
