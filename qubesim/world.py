@@ -15,8 +15,11 @@ release configurations from GitHub. Here, `qubesim world up` provides the same w
   (sys-net): qubesim adds the world's `hosts` entries to their /etc/hosts at every start, so build
   qubes reach it only through the ssh proxy in the net qube.
 
-Everything lives under $QUBESIM_HOME/world; `variables.json` there holds the collection's
-variables that point at it (`ansible-playbook -e @...`). Keys and repositories are made once.
+Everything lives under $QUBESIM_HOME/world; `variables.json` there holds the roles' variables
+that point at it (`ansible-playbook -e @...`), and `remote_hosts.json` the upload server as an
+entry of build_infra_remote_hosts, which the simulated example inventory reads from there (the
+infrastructure's description is the inventory's alone: the preflight refuses build_infra_*
+variables given with -e). Keys and repositories are made once.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ class World:
     @property
     def variables_file(self) -> Path:
         return self.directory / "variables.json"
+
+    @property
+    def remote_hosts_file(self) -> Path:
+        """The upload server as build_infra_remote_hosts: read by inventory/qubesim's group_vars."""
+        return self.directory / "remote_hosts.json"
 
     def environment(self) -> dict[str, str]:
         return {
@@ -202,14 +210,10 @@ def _ssh_keys(world: World) -> None:
     )
 
 
-def _upload_variables(world: World, host_key: str) -> dict[str, object]:
-    """The upload server as an upload host of the collection, and the build qubes' key for it."""
-    return {
-        "build_infra_remote_hosts": {
-            UPLOAD_HOST: {"user": "root", "host_key": host_key, "port": UPLOAD_PORT}
-        },
-        "build_vm_upload_ssh_key": (world.directory / "ssh" / "upload_key").read_text(),
-    }
+def _upload_host(world: World, host_key: str) -> None:
+    """The upload server as the remote host of the simulated inventory (public data only)."""
+    hosts = {UPLOAD_HOST: {"user": "root", "host_key": host_key, "port": UPLOAD_PORT}}
+    world.remote_hosts_file.write_text(json.dumps(hosts, indent=2) + "\n")
 
 
 def make(world: World) -> None:
@@ -242,10 +246,12 @@ def make(world: World) -> None:
         "build_vm_builder_commit": builder_commit,
         "build_vm_required_keys": [maintainer],
         "build_vm_trusted_keys": {maintainer: world.run("gpg", "--armor", "--export", maintainer)},
-        **_upload_variables(world, host_key),
+        "build_vm_upload_ssh_key": (ssh / "upload_key").read_text(),
         "keys_vm_generate_key": True,
         "webhooks_secret": os.urandom(32).hex(),
     }
+    _upload_host(world, host_key)
+    # Written last: its presence means the world is made.
     fd = os.open(world.variables_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(variables, out, indent=2)

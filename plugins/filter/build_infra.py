@@ -17,12 +17,18 @@ from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs impor
     policy_rules,
     validate_admin_qubes,
 )
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_infra_files import plain
 
 
 def _infrastructure(variables: dict[str, Any]) -> Infrastructure:
     try:
+        # plain(): Vault-encrypted values decrypted (ansible-core 2.16 hands them over as objects).
         return load(
-            {key: value for key, value in variables.items() if key.startswith("build_infra_")}
+            {
+                key: plain(value)
+                for key, value in variables.items()
+                if key.startswith("build_infra_")
+            }
         )
     except ConfigError as error:
         raise AnsibleFilterError(str(error)) from None

@@ -6,19 +6,35 @@ name: build_envs
 short_description: The qubes of the Qubes OS build infrastructure, from build_infra_* variables
 version_added: 0.1.0
 description:
-  - Reads the C(build_infra_*) variables from C(group_vars/all) next to the inventory file (a file
-    C(all.yml) or a directory C(all/)), validates them, and makes a host for every qube the build
-    environments need, that is C(dom0), C(build-ENV), C(keys-ENV), each logs qube, the net qube
-    and the templates.
+  - The single reader of the infrastructure's description, the C(build_infra_*) variables of
+    C(group_vars/all) next to the inventory file (a file C(all.yml), C(all.yaml), C(all.json) or
+    a directory C(all/)). It finds and loads those files with Ansible's own DataLoader, as Ansible
+    reads group_vars, so Vault-encrypted files and C(!vault) values are decrypted (give the vault
+    password as for any run), and templates in the values are rendered with lookups and the
+    variables of those files (not with any host's variables).
+  - It validates the description and makes a host for every qube the build environments need,
+    that is C(dom0), C(build-ENV), C(keys-ENV), each logs qube, the net qube and the templates.
   - Groups C(build_vms), C(keys_vms), C(logs_vms), C(net_vms), C(templates) and C(env_ENV) (the
     qubes of one environment, its logs qube included, and C(dom0), which makes them and their
     policy, so that C(--limit env_ENV) applies the whole environment).
     Every host but dom0 uses the C(qubes_infra.build.qubes) connection, and becomes root with
     the C(qubes_infra.build.qubes) become method (qrexec asks the qube for root; no sudo).
-  - Host variables C(build_infra_env) (the environment, where there is one) and C(build_infra_qube)
-    (kind, class, label, template, netvm, volume_size) carry what the qube should be.
-  - Vault-encrypted files in C(group_vars/all) are not read (they hold secrets, not the layout);
-    values are taken as written, without templating.
+  - Every host it makes gets the host variable C(build_infra), the normalised model of the
+    infrastructure as plain data, the same on every host. Its keys are C(settings) (every
+    C(build_infra_*) setting with its default applied), C(netvm), C(build_template),
+    C(keys_template), C(logs_template), C(net_template), C(build_netvm), C(logs_netvm),
+    C(remote_hosts) (with ports), C(ssh_hosts), C(envs) (each environment with its defaults and
+    its qubes' names), C(qubes) (each qube with its intended properties) and C(templates) (each
+    template with the kinds of qube it serves).
+  - Host variables C(build_infra_env) (the environment, where there is one),
+    C(build_infra_qube) (kind, class, label, template, netvm, volume_size) and, on templates,
+    C(build_infra_template_kinds) carry what the host is.
+  - One description per run. A C(build_infra_*) variable (or C(build_infra)) that Ansible
+    resolves for one of these hosts with another value than the one this plugin gives it (from
+    extra vars, a host_vars or other group_vars file, a vars file or play vars) would make a run
+    that creates the qubes of one description and configures those of another. The collection's
+    playbooks refuse such a run in their preflight, before anything changes, naming the variable,
+    the host and the source; the description is changed in the files this plugin reads, only.
   - Invalid variables fail the inventory with a message naming the environment, the key and the
     rule.
 extends_documentation_fragment:
@@ -47,7 +63,11 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
     ConfigError,
     Infrastructure,
+    host_variables,
     load,
+)
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_infra_files import (
+    read_description,
 )
 
 # Every qube is reached over qrexec, and root in it through qrexec too (become), never with sudo:
@@ -57,7 +77,6 @@ QUBE_CONNECTION = {
     "ansible_become_method": "qubes_infra.build.qubes",
 }
 FILE_SUFFIXES = ("build_infra.yml", "build_infra.yaml", "build_envs.yml", "build_envs.yaml")
-VAULT_HEADER = b"$ANSIBLE_VAULT"
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable):
@@ -66,41 +85,16 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
     def verify_file(self, path: str) -> bool:
         return super().verify_file(path) and path.endswith(FILE_SUFFIXES)
 
-    def _group_vars_files(self, directory: str) -> list[str]:
-        base = os.path.join(directory, "group_vars")
-        files = [os.path.join(base, f"all{suffix}") for suffix in (".yml", ".yaml", ".json", "")]
-        folder = os.path.join(base, "all")
-        if os.path.isdir(folder):
-            files += [
-                os.path.join(folder, name)
-                for name in sorted(os.listdir(folder))
-                if name.endswith((".yml", ".yaml", ".json"))
-            ]
-        return [path for path in files if os.path.isfile(path)]
-
-    def _read_variables(self, directory: str) -> dict[str, object]:
-        variables: dict[str, object] = {}
-        for path in self._group_vars_files(directory):
-            with open(path, "rb") as source:
-                if source.read(len(VAULT_HEADER)) == VAULT_HEADER:
-                    continue
-            data = self.loader.load_from_file(path, cache="none") or {}
-            if not isinstance(data, dict):
-                raise AnsibleParserError(f"{path}: group variables must be a mapping")
-            variables.update(
-                {key: value for key, value in data.items() if str(key).startswith("build_infra_")}
-            )
-        return variables
-
     def parse(self, inventory: object, loader: object, path: str, cache: bool = True) -> None:
         super().parse(inventory, loader, path, cache)
         self._read_config_data(path)
-        variables = self._read_variables(os.path.dirname(os.path.abspath(path)))
+        directory = os.path.dirname(os.path.abspath(path))
+        variables = read_description(self.loader, directory)
         try:
             infrastructure = load(variables)
         except ConfigError as error:
             raise AnsibleParserError(f"{path}: {error}") from None
-        self._populate(infrastructure)
+        self._populate(infrastructure, variables)
 
     def _add(self, host: str, groups: list[str], variables: dict[str, object]) -> None:
         self.inventory.add_host(host)
@@ -110,9 +104,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         for key, value in variables.items():
             self.inventory.set_variable(host, key, value)
 
-    def _populate(self, infrastructure: Infrastructure) -> None:
+    def _populate(self, infrastructure: Infrastructure, variables: dict[str, object]) -> None:
         # dom0 is a host; Ansible cannot also make it a group of itself, and `hosts: dom0` works.
         # It is in every env_ENV group: it makes the qubes and the policy of each environment.
+        published = host_variables(infrastructure, variables)
         self._add(
             "dom0",
             [f"env_{env.name}" for env in infrastructure.envs],
@@ -120,6 +115,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 "ansible_connection": "local",
                 # The controller's own Python (inventory values are not templated).
                 "ansible_python_interpreter": sys.executable,
+                **published["dom0"],
             },
         )
         for name, qube in infrastructure.qubes().items():
@@ -130,17 +126,14 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
                 else [env.name for env in infrastructure.envs if env.logs == name]
             )
             groups += [f"env_{env}" for env in envs]
-            variables: dict[str, object] = {**QUBE_CONNECTION, "build_infra_qube": qube}
-            if qube["env"]:
-                variables["build_infra_env"] = qube["env"]
-            self._add(name, groups, variables)
-        self._add(infrastructure.netvm, ["net_vms"], dict(QUBE_CONNECTION))
-        for template, template_kinds in infrastructure.templates.items():
-            self._add(
-                template,
-                ["templates"],
-                {**QUBE_CONNECTION, "build_infra_template_kinds": template_kinds},
-            )
+            self._add(name, groups, {**QUBE_CONNECTION, **published[name]})
+        self._add(
+            infrastructure.netvm,
+            ["net_vms"],
+            {**QUBE_CONNECTION, **published[infrastructure.netvm]},
+        )
+        for template in infrastructure.templates:
+            self._add(template, ["templates"], {**QUBE_CONNECTION, **published[template]})
         self._construct()
 
     def _construct(self) -> None:

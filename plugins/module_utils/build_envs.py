@@ -8,6 +8,7 @@ Standard library only; no Ansible import.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
@@ -343,6 +344,57 @@ def _check_distinct(infrastructure: Infrastructure) -> None:
     for name, variable in service.items():
         if name in owners:
             raise ConfigError(f"{variable}: {name!r} is also {owners[name]}")
+
+
+def settings(variables: dict[str, Any]) -> dict[str, Any]:
+    """The build_infra_* variables among `variables`, with the defaults of those not given: what
+    Ansible resolves for every host when nothing else sets them."""
+    given = {key: value for key, value in variables.items() if str(key).startswith("build_infra_")}
+    return {**DEFAULTS, **given}
+
+
+MODEL = "build_infra"
+
+
+def model(infrastructure: Infrastructure, variables: dict[str, Any]) -> dict[str, Any]:
+    """The normalised infrastructure as plain data (the value of the MODEL variable), with the
+    settings it was made from."""
+    return json.loads(
+        json.dumps(
+            {
+                "settings": settings(variables),
+                "netvm": infrastructure.netvm,
+                "build_template": infrastructure.build_template,
+                "keys_template": infrastructure.keys_template,
+                "logs_template": infrastructure.logs_template,
+                "net_template": infrastructure.net_template,
+                "build_netvm": infrastructure.build_netvm,
+                "logs_netvm": infrastructure.logs_netvm,
+                "remote_hosts": infrastructure.remote_hosts,
+                "ssh_hosts": infrastructure.ssh_hosts,
+                "envs": {env.name: env.describe() for env in infrastructure.envs},
+                "qubes": infrastructure.qubes(),
+                "templates": infrastructure.templates,
+            }
+        )
+    )
+
+
+def host_variables(
+    infrastructure: Infrastructure, variables: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Every host the infrastructure has (dom0, its qubes, the net qube, the templates) with the
+    variables of this collection the inventory gives it: the model, and what the host is."""
+    published = {MODEL: model(infrastructure, variables)}
+    hosts: dict[str, dict[str, Any]] = {"dom0": dict(published)}
+    for name, qube in infrastructure.qubes().items():
+        hosts[name] = {**published, "build_infra_qube": qube}
+        if qube["env"]:
+            hosts[name]["build_infra_env"] = qube["env"]
+    hosts.setdefault(infrastructure.netvm, dict(published))
+    for template, kinds in infrastructure.templates.items():
+        hosts.setdefault(template, dict(published))["build_infra_template_kinds"] = kinds
+    return hosts
 
 
 def load(variables: dict[str, Any]) -> Infrastructure:

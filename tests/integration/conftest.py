@@ -75,6 +75,16 @@ def site(*arguments: str, inventory: str = SIMULATED_INVENTORY) -> subprocess.Co
     return ansible("ansible-playbook", "-i", inventory, "site.yml", *arguments)
 
 
+def changed_inventory(directory: Path, **settings: object) -> str:
+    """The simulated example inventory copied into directory with its description changed by
+    `settings` (build_infra_* variables, in a file of its group_vars/all read after the
+    example's): the preflight refuses them given any other way, -e included. Returns the
+    inventory file, for site(inventory=...)."""
+    shutil.copytree(ROOT / SIMULATED_INVENTORY.rsplit("/", 1)[0], directory)
+    (directory / "group_vars/all/zz_changed.yml").write_text(json.dumps(settings))
+    return str(directory / "build_infra.yml")
+
+
 def install_artifact(place: Path, bin_directory: Path | None = None) -> Path:
     """Build the collection's artifact with ansible-galaxy (from bin_directory, or PATH) and
     install it into an empty collections path under place, which is returned."""

@@ -93,13 +93,16 @@ def ansible_doc(plugin_type: str, name: str, workdir: Path) -> str:
     return result.stdout.replace("*", "")
 
 
-def assert_names(text: str, plugin_type: str, name: str, options: list[str]) -> None:
+def assert_names(text: str, plugin_type: str, name: str, options: list[str] | None) -> None:
+    """options None: the plugin declares that it takes none (`options: {}`)."""
     # The heading names the plugin (`> ROLE: NAME (PATH)` from ansible-core 2.17 on,
     # `> NAME    (PATH)` in capitals before).
     heading = text.splitlines()[0] if text else ""
     assert heading.startswith("> ") and f"{COLLECTION}.{name} ".lower() in heading.lower(), text[
         :200
     ]
+    if options is None:
+        return
     assert options, f"{plugin_type} {name} documents no option"
     # Each option is listed as `- NAME  description` (`= NAME` when required).
     missing = [
@@ -116,7 +119,8 @@ def test_python_plugin_renders(plugin_type: str, name: str, tmp_path: Path) -> N
     text = ansible_doc(plugin_type, name, tmp_path)
     documentation = documentation_of_python_plugin(path)
     assert documentation.get("short_description"), f"{path}: no short_description"
-    assert_names(text, plugin_type, name, list(documentation.get("options") or {}))
+    options = documentation.get("options")
+    assert_names(text, plugin_type, name, None if options == {} else list(options or {}))
 
 
 @pytest.mark.parametrize("name", filters())

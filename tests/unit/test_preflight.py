@@ -118,3 +118,117 @@ def test_admin_qubes_the_dom0_role_refuses_are_refused(
     result = preflight(inventory)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+# -- one description per run ---------------------------------------------------------------------
+OTHER_ENVS = {"build_infra_envs": {"fedora": {}, "debian": {}}}
+
+
+def refusal(result: subprocess.CompletedProcess[str], variable: str, host: str, source: str) -> str:
+    """The refusal of `variable` for `host` from `source`; the run stopped before the next play."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"Refused before anything changes: {variable} for {host} comes from {source}" in output
+    # The settings play comes after this one: nothing ran past the refusal.
+    assert "Preflight | Refuse admin qubes" not in output, output
+    return output
+
+
+def test_environments_given_as_extra_vars_file_are_refused(inventory: Path, tmp_path: Path) -> None:
+    """The defect: -e @envs.yml naming fedora and debian, while the inventory makes fedora's and
+    kernel's hosts."""
+    envs = tmp_path / "envs.yml"
+    write_vars(envs, OTHER_ENVS)
+    result = preflight(inventory, "-e", f"@{envs}")
+    for host in ("dom0", "build-fedora", "keys-kernel", "sys-net", "fedora-43-xfce"):
+        output = refusal(result, "build_infra_envs", host, f"extra vars (-e @{envs})")
+    assert (
+        f"Put the build_infra_* settings only in {inventory}/group_vars/all, the files the"
+        " build_envs inventory plugin reads"
+    ) in output
+
+
+def test_a_setting_given_with_e_on_the_command_line_is_refused(inventory: Path) -> None:
+    result = preflight(inventory, "-e", "build_infra_build_netvm=sys-firewall")
+    refusal(result, "build_infra_build_netvm", "build-kernel", "extra vars (-e)")
+
+
+def test_the_inventory_s_own_value_given_again_with_e_passes(inventory: Path) -> None:
+    result = preflight(inventory, "-e", "build_infra_netvm=sys-net")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "variable", "host"),
+    [
+        ("host_vars/build-kernel.yml", "build_infra_envs", "build-kernel"),
+        ("host_vars/dom0/envs.yml", "build_infra_envs", "dom0"),
+        ("group_vars/keys_vms.yml", "build_infra_keys_template", "keys-fedora"),
+    ],
+)
+def test_a_setting_from_another_vars_file_of_the_inventory_is_refused(
+    inventory: Path, where: str, variable: str, host: str
+) -> None:
+    write_vars(inventory / where, {variable: OTHER_ENVS["build_infra_envs"]})
+    kind = where.split("/")[0]
+    found = inventory / where
+    result = preflight(inventory)
+    refusal(result, variable, host, f"the {kind} file {found}")
+
+
+def test_the_plugin_s_host_variables_are_set_by_no_one_else(inventory: Path) -> None:
+    write_vars(inventory / "host_vars/dom0.yml", {"build_infra_qube": {"kind": "build"}})
+    write_vars(inventory / "host_vars/build-fedora.yml", {"build_infra": {}})
+    result = preflight(inventory)
+    output = refusal(
+        result, "build_infra_qube", "dom0", f"the host_vars file {inventory}/host_vars/dom0.yml"
+    )
+    assert ", and the inventory gives dom0 no build_infra_qube" in output
+    refusal(
+        result,
+        "build_infra",
+        "build-fedora",
+        f"the host_vars file {inventory}/host_vars/build-fedora.yml",
+    )
+
+
+def test_a_setting_from_the_vars_of_an_import_playbook_is_refused(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """A wrapper playbook's `vars:` on import_playbook become the imported plays' vars."""
+    wrapper = tmp_path / "wrapper.yml"
+    wrapper.write_text(
+        yaml.safe_dump(
+            [{"import_playbook": str(ROOT / "playbooks/preflight.yml"), "vars": OTHER_ENVS}]
+        )
+    )
+    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
+    result = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", str(inventory / "build_infra.yml"), str(wrapper)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    refusal(result, "build_infra_envs", "dom0", "play vars (vars: of the play")
+
+
+def test_templated_and_vault_encrypted_settings_of_the_inventory_pass(
+    inventory: Path, tmp_path: Path
+) -> None:
+    password = tmp_path / "vault-password"
+    password.write_text("correct horse\n")
+    vault = ANSIBLE_PLAYBOOK.with_name("ansible-vault")
+    encrypted = subprocess.run(
+        [str(vault), "encrypt_string", "--vault-password-file", str(password), "sys-whonix",
+         "--name", "build_infra_build_netvm"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    text = (inventory / "group_vars/all/build_infra.yml").read_text()
+    text = text.replace("build_infra_build_netvm: sys-whonix\n", encrypted)
+    text = text.replace("build_infra_netvm: sys-net\n", 'build_infra_netvm: "{{ site_net }}"\n')
+    (inventory / "group_vars/all/build_infra.yml").write_text(text + "site_net: sys-net\n")
+    result = preflight(inventory, "--vault-password-file", str(password))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -209,3 +209,61 @@ def test_installed_playbooks_refuse_a_limit_while_an_unparsed_inventory_only_war
     checked = _playbook(*inventory, "qubes_infra.build.preflight", "--limit", "env_fedora",
                         cwd=tmp_path, config=config)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- one description per run: build_infra_* from anywhere but the inventory's files ----------------
+OTHER_ENVS = {"build_infra_envs": {"fedora": {}, "debian": {}}}
+
+
+def _unchanged(variables: Variables) -> None:
+    pass
+
+
+def _refused_before_any_change(
+    result: subprocess.CompletedProcess[str], host: str, source: str
+) -> None:
+    _assert_refused(
+        result,
+        f"Refused before anything changes: build_infra_envs for {host} comes from {source}",
+        "Put the build_infra_* settings only in",
+    )
+    # The preflight stopped the run: no play after it started.
+    assert "Dom0 | Qubes and qrexec policy" not in result.stdout, result.stdout
+
+
+def test_environments_given_with_e_at_a_file_are_refused(
+    tmp_path: Path, unchanged_host: None
+) -> None:
+    """The defect of issue 22: `-e @envs.yml` naming fedora and debian, while the inventory
+    makes fedora's and kernel's hosts, would create debian's qubes and configure kernel's."""
+    inventory = _write_inventory(tmp_path / "inventory", _unchanged)
+    envs = tmp_path / "envs.yml"
+    envs.write_text(yaml.safe_dump(OTHER_ENVS))
+    result = _playbook("-i", str(inventory), "-e", f"@{envs}", "site.yml", cwd=ROOT,
+                       config=ROOT / "ansible.cfg")  # fmt: skip
+    for host in ("dom0", "build-kernel", "keys-fedora"):
+        _refused_before_any_change(result, host, f"extra vars (-e @{envs})")
+
+
+def test_environments_in_a_host_vars_file_are_refused(tmp_path: Path, unchanged_host: None) -> None:
+    inventory = _write_inventory(tmp_path / "inventory", _unchanged)
+    host_vars = inventory / "host_vars" / "dom0.yml"
+    host_vars.parent.mkdir()
+    host_vars.write_text(yaml.safe_dump(OTHER_ENVS))
+    result = _playbook("-i", str(inventory), "site.yml", cwd=ROOT, config=ROOT / "ansible.cfg")
+    _refused_before_any_change(result, "dom0", f"the host_vars file {host_vars}")
+
+
+def test_environments_in_the_vars_of_a_wrapper_playbook_are_refused(
+    tmp_path: Path, user_checkout: Path, unchanged_host: None
+) -> None:
+    """A playbook of the user's that imports site.yml with `vars:` (import_playbook takes no
+    vars_files: a vars file reaches site.yml's plays only as -e @FILE, the first test)."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(user_checkout, checkout, symlinks=True)
+    _write_inventory(checkout / "inventory", _unchanged)
+    (checkout / "wrapper.yml").write_text(
+        yaml.safe_dump([{"import_playbook": "site.yml", "vars": OTHER_ENVS}])
+    )
+    result = _playbook("wrapper.yml", cwd=checkout, config=checkout / "ansible.cfg")
+    _refused_before_any_change(result, "dom0", "play vars (vars: of the play")

@@ -3,12 +3,11 @@ inventory's qubesim variant: it creates the qubes and the policy, and converges.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, Qvm, site
+from tests.integration.conftest import ROOT, Qvm, changed_inventory, site
 
 POLICY = Path("/etc/qubes/policy.d/20-qubes-infra-build.policy")
 
@@ -61,8 +60,14 @@ def test_removing_an_environment(qvm: Qvm, tmp_path: Path) -> None:
         site("--tags", "dom0")  # the example again, for the other tests
 
 
-# Every environment's qubes and ssh lines would change with these.
-CHANGED = json.dumps({"build_infra_build_netvm": "sys-firewall", "build_infra_remote_hosts": {}})
+@pytest.fixture(scope="module")
+def changed(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The example inventory with every environment's qubes and ssh lines changed."""
+    return changed_inventory(
+        tmp_path_factory.mktemp("changed") / "inventory",
+        build_infra_build_netvm="sys-firewall",
+        build_infra_remote_hosts={},
+    )
 
 
 def env_lines(env: str) -> list[str]:
@@ -84,19 +89,20 @@ def example() -> None:
 
 
 def test_a_limit_to_one_environment_changes_only_its_qubes_and_policy_lines(
-    qvm: Qvm, example: None
+    qvm: Qvm, example: None, changed: str
 ) -> None:
     kernel = env_lines("kernel")
     assert len(kernel) == 8
     try:
-        limited = site("--tags", "dom0", "--limit", "env_fedora", "-e", CHANGED)
+        limited = site("--tags", "dom0", "--limit", "env_fedora", inventory=changed)
         assert limited.returncode == 0, limited.stdout + limited.stderr
         assert qvm("qvm-prefs", "build-fedora", "netvm").stdout == "sys-firewall\n"
         assert qvm("qvm-prefs", "build-kernel", "netvm").stdout == "sys-whonix\n"
-        assert not any("yum.qubes-os.org" in line for line in env_lines("fedora"))
+        ssh = [line for line in env_lines("fedora") if line.startswith("local.ConnectSSH")]
+        assert [line.split()[1] for line in ssh] == ["+github.com"]
         assert env_lines("kernel") == kernel
         assert POLICY.read_text().splitlines()[-1] == "* * @anyvm @tag:qubes-infra-build deny"
-        again = site("--tags", "dom0", "--limit", "env_fedora", "-e", CHANGED)
+        again = site("--tags", "dom0", "--limit", "env_fedora", inventory=changed)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "changed=0" in again.stdout
     finally:
@@ -104,12 +110,12 @@ def test_a_limit_to_one_environment_changes_only_its_qubes_and_policy_lines(
 
 
 def test_a_limit_naming_qubes_of_an_environment_without_dom0_is_refused(
-    qvm: Qvm, example: None
+    qvm: Qvm, example: None, changed: str
 ) -> None:
     """dom0 makes the environment's qubes and policy: left out, they would silently stay as they
     were while the qubes' own roles applied the new description."""
     before = POLICY.read_text()
-    refused = site("--tags", "dom0", "--limit", "build-fedora", "-e", CHANGED)
+    refused = site("--tags", "dom0", "--limit", "build-fedora", inventory=changed)
     assert refused.returncode != 0
     assert "The limit build-fedora names qubes of the environments fedora but not dom0" in (
         refused.stdout
@@ -125,7 +131,7 @@ def test_a_limit_naming_qubes_of_an_environment_without_dom0_is_refused(
     assert shared.returncode == 0, shared.stdout + shared.stderr
 
 
-def test_a_limited_run_refuses_a_policy_file_it_cannot_split(example: None) -> None:
+def test_a_limited_run_refuses_a_policy_file_it_cannot_split(example: None, changed: str) -> None:
     """An installed policy without the environments' sections (an earlier version's file) cannot
     be rewritten for one environment without guessing the others' lines: nothing changes."""
     installed = POLICY.read_text()
@@ -133,7 +139,7 @@ def test_a_limited_run_refuses_a_policy_file_it_cannot_split(example: None) -> N
                       if not line.startswith("# Environment "))  # fmt: skip
     POLICY.write_text(earlier)
     try:
-        refused = site("--tags", "dom0", "--limit", "env_fedora", "-e", CHANGED)
+        refused = site("--tags", "dom0", "--limit", "env_fedora", inventory=changed)
         assert refused.returncode != 0
         assert "outside any environment's section" in refused.stdout
         assert "apply it once without --limit" in refused.stdout

@@ -24,6 +24,7 @@ from qubesim.layout import current
 from tests.integration.conftest import (
     as_root,
     audit_since,
+    changed_inventory,
     run_tool,
     serve_release_configs,
     site,
@@ -54,13 +55,14 @@ def _gpg(home: Path, *argv: str, data: str | None = None) -> str:
 @dataclass
 class Services:
     variables: Path
+    inventory: str
     gnupg: Path
     maintainer: str
     intruder: str
     commit: str
 
     def play(self, *arguments: str) -> subprocess.CompletedProcess[str]:
-        return site("-e", f"@{self.variables}", *arguments)
+        return site("-e", f"@{self.variables}", *arguments, inventory=self.inventory)
 
     def sign(self, line: str, key: str | None = None, at: float | None = None) -> str:
         faked = []
@@ -124,9 +126,6 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
                 **outside.variables(),
                 "keys_vm_key_algorithm": "ed25519",
                 "keys_vm_public_keys_dir": str(place / "public-keys"),
-                "build_infra_envs": _environments(
-                    serve_release_configs(outside, place, "services-configs", CONFIGS)
-                ),
                 "build_vm_command_signers": {
                     maintainer: {
                         "public_key": public_key,
@@ -138,6 +137,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         )
     )
     variables.chmod(0o600)
+    # The environments are the inventory's to describe: the preflight refuses them as extra vars.
+    configs = serve_release_configs(outside, place, "services-configs", CONFIGS)
+    inventory = changed_inventory(place / "inventory", build_infra_envs=_environments(configs))
     # The qubes outlive a test run, and the world may have been made anew since.
     for env in ("fedora", "kernel"):
         as_root(
@@ -145,7 +147,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
             f"rm -rf {BUILDER} {LOGS} /home/user/.local/state/qubesbuilder",
             check=False,  # not made yet on a new host
         )
-    services = Services(variables, gnupg, maintainer, intruder, "")
+    services = Services(variables, inventory, gnupg, maintainer, intruder, "")
     first = services.play()
     assert first.returncode == 0, first.stdout + first.stderr
     services.commit = _sources_commit("build-fedora")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qubesim import world
 from qubesim.layout import current
 from qubesim.qrexec import Call, Qrexec
 from tests.integration.conftest import SIMULATED_INVENTORY, Qvm, ansible, audit_since, site
@@ -19,6 +20,10 @@ ENVS = ("fedora", "kernel")
 LOGS = "build-logs"
 NET = "sys-net"
 OUTSIDER = "flow-outsider"
+# The simulated inventory's upload host: the world's upload server once the world is made.
+REMOTE = (
+    world.UPLOAD_HOST if world.World(current()).remote_hosts_file.exists() else "yum.qubes-os.org"
+)
 SOURCES = [*(f"build-{e}" for e in ENVS), *(f"keys-{e}" for e in ENVS), LOGS, NET, OUTSIDER]
 TARGETS = ["dom0", "@default", *SOURCES]
 SERVICES = [
@@ -28,7 +33,7 @@ SERVICES = [
     "qubesbuilder.TriggerBuild+core-admin",
     "qubesbuilder.ProcessGithubCommand",
     "local.ConnectSSH+github.com",
-    "local.ConnectSSH+yum.qubes-os.org",
+    f"local.ConnectSSH+{REMOTE}",
     "local.ConnectSSH+evil.example.com",
     "qubes.Filecopy",
     "qubes.VMShell",
@@ -46,7 +51,7 @@ def expected_flows() -> dict[tuple[str, str, str], str]:
         flows[(build, "@default", "qubes.Gpg")] = keys
         flows[(NET, build, "qubesbuilder.TriggerBuild+core-admin")] = build
         flows[(NET, build, "qubesbuilder.ProcessGithubCommand")] = build
-        for host in ("github.com", "yum.qubes-os.org"):
+        for host in ("github.com", REMOTE):
             flows[(build, NET, f"local.ConnectSSH+{host}")] = NET
     return flows
 

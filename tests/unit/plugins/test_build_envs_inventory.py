@@ -148,11 +148,96 @@ def test_bad_group_vars_fail_with_a_clear_error(
     assert message in result.stderr
 
 
-def test_vault_files_are_left_alone(tmp_path: Path) -> None:
-    (tmp_path / "group_vars" / "all").mkdir(parents=True)
-    (tmp_path / "group_vars" / "all" / "layout.yml").write_text("build_infra_envs:\n  fedora: {}\n")
-    (tmp_path / "group_vars" / "all" / "vault.yml").write_text("$ANSIBLE_VAULT;1.1;AES256\n6162\n")
+ANSIBLE_VAULT = Path(ANSIBLE_INVENTORY).with_name("ansible-vault")
+
+
+def vault_inventory(tmp_path: Path) -> tuple[Path, Path]:
+    """An inventory whose environments are in a Vault-encrypted group_vars file, with an inline
+    !vault value and templates in another; returns the inventory file and the password file."""
+    password = tmp_path / "vault-password"
+    password.write_text("correct horse\n")
+    folder = tmp_path / "group_vars" / "all"
+    folder.mkdir(parents=True)
+    secret = folder / "envs.yml"
+    secret.write_text("build_infra_envs:\n  vaulted:\n    volume_size: 30GiB\n")
+    password_option = ("--vault-password-file", str(password))
+    vault = [str(ANSIBLE_VAULT), "encrypt", *password_option, str(secret)]
+    subprocess.run(vault, check=True, capture_output=True)
+    assert secret.read_text().startswith("$ANSIBLE_VAULT")
+    inline = subprocess.run(
+        [
+            str(ANSIBLE_VAULT),
+            "encrypt_string",
+            *password_option,
+            "fedora-43-custom",
+            "--name",
+            "build_infra_build_template",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    (folder / "layout.yml").write_text(
+        "site_net: sys-office-net\n"
+        'build_infra_netvm: "{{ site_net }}"\n'
+        "build_infra_logs_template: \"{{ lookup('ansible.builtin.env', 'TEMPLATE_OF_LOGS') }}\"\n"
+        + inline
+    )
     (tmp_path / "build_infra.yml").write_text("plugin: qubes_infra.build.build_envs\n")
-    # Without a vault password: the plugin never needs the secrets.
+    return tmp_path / "build_infra.yml", password
+
+
+def test_vault_files_and_values_and_templates_are_read_through_ansible_loaders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEMPLATE_OF_LOGS", "fedora-43-logs")
+    source, password = vault_inventory(tmp_path)
+    result = inventory(source, "--vault-password-file", str(password), "--list")
+    assert result.returncode == 0, result.stderr
+    data = unwrap(json.loads(result.stdout))
+    hostvars = data["_meta"]["hostvars"]
+    assert hostvars["build-vaulted"]["build_infra_qube"] == {
+        "kind": "build",
+        "env": "vaulted",
+        "class": "AppVM",
+        "label": "green",
+        "template": "fedora-43-custom",
+        "netvm": "sys-whonix",
+        "volume_size": 30 * 1024**3,
+    }
+    assert sorted(data["net_vms"]["hosts"]) == ["sys-office-net"]
+    assert sorted(data["templates"]["hosts"]) == [
+        "fedora-43-custom",
+        "fedora-43-logs",
+        "fedora-43-minimal",
+    ]
+    model = hostvars["dom0"]["build_infra"]
+    assert model["netvm"] == "sys-office-net"
+    assert model["settings"]["build_infra_build_template"] == "fedora-43-custom"
+    assert model["settings"]["build_infra_envs"] == {"vaulted": {"volume_size": "30GiB"}}
+    assert model["envs"]["vaulted"]["volume_size"] == 30 * 1024**3
+    # One model, published on every host the plugin makes.
+    assert all(variables["build_infra"] == model for variables in hostvars.values())
+
+
+def test_vault_files_need_the_vault_password(tmp_path: Path) -> None:
+    """As for any group_vars file Ansible reads: without the password, no inventory."""
+    source, _password = vault_inventory(tmp_path)
+    result = inventory(source, "--graph")
+    assert result.returncode != 0
+    assert "build-vaulted" not in result.stdout
+    assert "vault" in result.stderr.lower()
+
+
+def test_a_template_naming_no_variable_of_group_vars_all_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "all.yml").write_text(
+        'build_infra_envs: {fedora: {}}\nbuild_infra_netvm: "{{ inventory_hostname }}"\n'
+    )
+    (tmp_path / "build_infra.yml").write_text("plugin: qubes_infra.build.build_envs\n")
     result = inventory(tmp_path / "build_infra.yml", "--graph")
-    assert "build-fedora" in result.stdout
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())  # ansible-core 2.16 wraps warnings, paths too
+    assert "build_infra_netvm (in " in message
+    assert "/group_vars/all): cannot be rendered" in message
+    assert "'inventory_hostname' is undefined" in message

@@ -151,7 +151,7 @@ def test_the_services_get_the_build_log_command() -> None:
     rendered = render_template(
         "build_vm",
         "build-services.json.j2",
-        build_infra_netvm="sys-net",
+        build_infra={"netvm": "sys-net"},
         build_vm_command_signers={},
     )
     settings = json.loads(rendered)
@@ -159,7 +159,7 @@ def test_the_services_get_the_build_log_command() -> None:
     changed = render_template(
         "build_vm",
         "build-services.json.j2",
-        build_infra_netvm="sys-net",
+        build_infra={"netvm": "sys-net"},
         build_vm_command_signers={},
         build_vm_build_log_command="cat > /dev/null",
     )
@@ -258,7 +258,7 @@ def test_the_services_settings_name_no_builder_version() -> None:
         render_template(
             "build_vm",
             "build-services.json.j2",
-            build_infra_netvm="sys-net",
+            build_infra={"netvm": "sys-net"},
             build_vm_command_signers={},
         )
     )
