@@ -48,8 +48,9 @@ STORED_TRUNCATED = b"> log truncated: stored size limit reached"
 # plus the container's trailer and the closing lines: kept free under max_stored_bytes.
 XZ_RESERVE = 1 << 17
 XZ_PIECE = 1 << 16
-# Under the clone's .git: a lock file per stream slot of each caller.
-STREAMS = "qubes-infra-build-streams"
+# Beside the clone (never in it, nor in its .git, which need not exist yet): a lock file per
+# stream slot of each caller.
+STREAMS_SUFFIX = ".streams"
 
 
 def caller() -> str:
@@ -68,7 +69,7 @@ def sub_folder(argv: list[str]) -> str:
 def claim_stream(root: str, source: str, max_streams: int) -> int:
     """A descriptor holding one of source's max_streams stream slots (a lock the kernel drops
     when this process ends, however it ends); SystemExit when all are held."""
-    folder = os.path.join(root, ".git", STREAMS, source)
+    folder = os.path.join(os.path.normpath(root) + STREAMS_SUFFIX, source)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     for slot in range(max_streams):
         fd = os.open(os.path.join(folder, str(slot)), os.O_WRONLY | os.O_CREAT, 0o600)
