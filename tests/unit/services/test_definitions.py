@@ -160,10 +160,15 @@ def test_no_service_keeps_a_name_pattern_of_its_own() -> None:
 
 
 def test_every_entry_point_calls_one_main_of_the_package() -> None:
-    for program in sorted(SERVICES.glob("*.py")):
+    """The programs the qrexec services and units run (with python3, which they name)."""
+    programs = sorted(SERVICES.glob("*.py"))
+    assert [program.name for program in programs] == [
+        "build_log_receiver.py",
+        "github_command.py",
+        "trigger_build.py",
+        "webhook_worker.py",
+    ]
+    for program in programs:
         text = program.read_text()
-        assert text.startswith("#!/usr/bin/python3\n"), program.name
-        module = program.stem
-        assert f"from qubes_infra_services.{module} import main\n" in text
-        assert (PACKAGE / f"{module}.py").is_file()
-        assert program.stat().st_mode & 0o111, program.name
+        assert f"from qubes_infra_services.{program.stem} import main\n" in text
+        assert (PACKAGE / program.name).is_file()
