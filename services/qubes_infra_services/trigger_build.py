@@ -2,9 +2,10 @@
 """qubesbuilder.TriggerBuild+COMPONENT: build a component GitHub reported a push of.
 
 Run by /usr/local/etc/qubes-rpc/qubesbuilder.TriggerBuild in a build qube; dom0 lets the net
-qube call it. The argument is the only input (stdin is not read) and is hostile: exactly one,
-1 to 64 characters of [A-Za-z0-9_-] (builder-github forbids '/', '.' and space; qrexec already
-turned other characters into '_'). Every builder of builders.list that knows the component,
+qube call it. The argument is the only input (stdin is not read) and is hostile: exactly one
+component name (definitions: 1 to 64 characters of [A-Za-z0-9_-], not starting with '-', which
+a build's programs would read as an option; builder-github forbids '/', '.' and space; qrexec
+already turned other characters into '_'). Every builder of builders.list that knows the component,
 by name or by its repository's short name, gets a pending build of it; the call returns at
 once. Every decision is a line of ~/builder-github-logs/<epoch>-<pid>.log, each build's output
 goes to <same>-<component>-<release>.log; only the exit code goes back to the caller.
