@@ -81,8 +81,10 @@ def printable(
     """Text from outside (arguments, tool output) made safe to log: every character but
     printable ASCII becomes '?' (newlines too, unless kept), bounded to limit characters, the
     first ones or, for error output whose end says most, the last ones (stripped)."""
-    shown = (_NOT_PRINTABLE_OR_NEWLINE if newlines else _NOT_PRINTABLE).sub("?", text)
-    return shown[-limit:].strip() if last else shown[:limit]
+    # Cut first (each character is replaced by one): the work is bounded by limit, not by text.
+    kept = text[-limit:] if last else text[:limit]
+    shown = (_NOT_PRINTABLE_OR_NEWLINE if newlines else _NOT_PRINTABLE).sub("?", kept)
+    return shown.strip() if last else shown
 
 
 def settings_path(variable: str, default: str) -> str:
