@@ -10,10 +10,10 @@ measures side by side:
 * the time from the end of a build (its log's input closed) to the open signing window in
   keys-fedora, which is when the BuildLog call returns (stored, committed, pushed, announced).
 
-`--baseline FILE` measures another receiver program (say an earlier version,
-`git show REV:roles/build_logs/files/build_log_receiver.py`) in the same run, the same way:
-through qrexec into its stored file (in a scratch folder, so it publishes nothing), and its
-peak memory.
+`--baseline FILE` measures another receiver module (say an earlier version,
+`git show REV:services/qubes_infra_services/build_log_receiver.py`, run with the installed
+package's other modules) in the same run, the same way: through qrexec into its stored file (in
+a scratch folder, so it publishes nothing), and its peak memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = "inventory/qubesim/build_infra.yml"
 PROGRAMS = "/usr/local/lib/qubes-infra-build"
 RECEIVER = f"{PROGRAMS}/build_log_receiver.py"
+# The baseline module goes into the installed package, with a program that runs its main().
 BASELINE = f"{PROGRAMS}/bench_baseline_receiver.py"
+BASELINE_MODULE = f"{PROGRAMS}/qubes_infra_services/bench_baseline_receiver.py"
+BASELINE_PROGRAM = """import sys
+from qubes_infra_services.bench_baseline_receiver import main
+sys.exit(main(sys.argv))
+"""
 SCRATCH_CONFIG = "/home/user/bench.json"
 GIB = 1 << 30
 LINE = 100
@@ -135,7 +141,8 @@ def bench_services(baseline: Path | None) -> None:
     baseline, that store it with the baseline receiver; the policy to reach them."""
     services = {"bench.Sink": "exec cat >/dev/null"}
     if baseline is not None:
-        in_qube("build-logs", f"cat > {BASELINE}", user="root", input=baseline.read_text())
+        in_qube("build-logs", f"cat > {BASELINE_MODULE}", user="root", input=baseline.read_text())
+        in_qube("build-logs", f"cat > {BASELINE}", user="root", input=BASELINE_PROGRAM)
         services["bench.Baseline"] = f"BUILD_LOGS_CONFIG={SCRATCH_CONFIG} exec python3 {BASELINE}"
     for service, command in services.items():
         path = f"/usr/local/etc/qubes-rpc/{service}"
@@ -148,7 +155,8 @@ def bench_services(baseline: Path | None) -> None:
 
 def remove_bench_services() -> None:
     Path("/etc/qubes/policy.d/10-bench.policy").unlink(missing_ok=True)
-    in_qube("build-logs", "rm -f /usr/local/etc/qubes-rpc/bench.* " + BASELINE, user="root")
+    in_qube("build-logs", f"rm -f /usr/local/etc/qubes-rpc/bench.* {BASELINE} {BASELINE_MODULE}",
+            user="root")  # fmt: skip
 
 
 def window_after_build() -> float:

@@ -20,6 +20,7 @@ import pytest
 
 from tests.unit.roles.rendering import render_template
 from tests.unit.roles.test_webhook_units import VALUES
+from tests.unit.services import RECEIVER_APPLICATION, SERVICES
 from tests.utils import github_webhook
 
 pytestmark = pytest.mark.skipif(
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs nginx and gunicorn",
 )
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-FILES = Path(__file__).resolve().parents[3] / "roles/webhooks/files"
 SECRET = b"a webhook secret for the listener tests"
 TRIGGER = "/api/services/trigger_build"
 PER_SOURCE = VALUES["webhooks_connections_per_source"]
@@ -125,7 +125,7 @@ def start_listener(root: Path, **variables: object) -> Iterator[Listener]:
     socket_path = run / "receiver/receiver.sock"
     receiver = subprocess.Popen(
         ["gunicorn", "--bind", f"unix:{socket_path}", "--workers", "2",
-         "--chdir", str(FILES), "webhook_receiver:create_application()"],
+         "--chdir", str(SERVICES), RECEIVER_APPLICATION],
         env={**os.environ, "WEBHOOKS_SETTINGS": str(root / "webhooks.json")},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.unit.roles.rendering import environment, render_template, role_file
+from tests.unit.services import RECEIVER_APPLICATION, SERVICES
 
 ROLE = "webhooks"
 VARIABLES = {"webhooks_secret": "s" * 32, "webhooks_build_vms": ["build-fedora"]}
@@ -131,3 +132,15 @@ def test_the_services_log_where_the_worker_bounds_it() -> None:
     configuration = render_template(ROLE, "webhooks-nginx.conf.j2", **VALUES)
     assert f"error_log {services_log} crit;" in configuration
     assert rendered(UNITS["nginx"])["Service"]["ReadWritePaths"] == [services_log]
+
+
+def test_the_units_run_the_services_package_as_its_tests_do() -> None:
+    """gunicorn serves the package's receiver from the programs' folder, where the role puts the
+    package; the worker's unit runs the entry point the role copies there."""
+    lib = VALUES["webhooks_lib_dir"]
+    assert VALUES["webhooks_package_dir"] == f"{lib}/qubes_infra_services"
+    receiver = one(rendered(UNITS["receiver"])["Service"], "ExecStart")
+    assert receiver.endswith(f"--chdir {lib} {RECEIVER_APPLICATION}")
+    worker = one(rendered(UNITS["worker"])["Service"], "ExecStart")
+    assert worker == f"/usr/bin/python3 {lib}/webhook_worker.py"
+    assert (SERVICES / VALUES["webhooks_worker_program"]).is_file()

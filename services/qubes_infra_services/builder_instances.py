@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import subprocess
@@ -24,6 +23,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from qubes_infra_services.definitions import (
+    is_component,
+    is_qube_name,
+    load_settings,
+    printable,
+    settings_path,
+)
 
 CONFIG = "/usr/local/etc/qubes-infra-build/build-services.json"
 DEFAULTS: dict[str, Any] = {
@@ -40,9 +47,6 @@ DEFAULTS: dict[str, Any] = {
     "query_timeout": 120,
 }
 PATHS = ("builders_list", "logs_directory", "keyring", "used_commands", "triggers_directory")
-# A component name: what TriggerBuild accepts, and what is taken from a builder's list.
-# Every name check is a fullmatch: `$` would let a trailing newline through.
-COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What `make get-var` may print about one builder.
 MAX_QUERY_OUTPUT = 1 << 20
 BUILDERS_LIST_LINE = re.compile(r"r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+)")
@@ -50,12 +54,7 @@ BUILDERS_LIST_LINE = re.compile(r"r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+)")
 
 def load_config() -> dict[str, Any]:
     """The settings the build_vm role wrote; BUILD_SERVICES_CONFIG names another file (tests)."""
-    config = dict(DEFAULTS)
-    with (
-        contextlib.suppress(FileNotFoundError),
-        open(os.environ.get("BUILD_SERVICES_CONFIG", CONFIG), encoding="utf-8") as source,
-    ):
-        config.update(json.load(source))
+    config = load_settings(settings_path("BUILD_SERVICES_CONFIG", CONFIG), DEFAULTS)
     for name in PATHS:
         config[name] = os.path.expanduser(config[name])
     return config
@@ -80,17 +79,12 @@ class ServiceLog:
         return f"{self.base}-{name}-{release}.log"
 
 
-def printable(text: str, limit: int = 300) -> str:
-    """Text from outside (arguments, tool output) as one bounded printable line."""
-    return re.sub(r"[^\x20-\x7e]", "?", text)[:limit]
-
-
 def caller(config: dict[str, Any], log: ServiceLog) -> str | None:
     """The qrexec source if the settings allow it (an empty list allows any); else None, and
     the refusal is logged. dom0's policy already lets only the net qube call."""
     source = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
     allowed = config["callers"]
-    if source and (not allowed or source in allowed):
+    if is_qube_name(source) and (not allowed or source in allowed):
         return source
     log.line(f"refused: caller {source!r} is not allowed")
     return None
@@ -147,7 +141,7 @@ def repository_name(url: str) -> str:
 
 def _names(builder: Builder, timeout: float) -> list[str]:
     make = ["make", "-s", "-C", builder.directory, "get-var", "GET_VAR=COMPONENTS"]
-    return [name for name in _query(make, timeout).split() if COMPONENT.fullmatch(name)]
+    return [name for name in _query(make, timeout).split() if is_component(name)]
 
 
 def _repositories(builder: Builder, names: list[str], timeout: float) -> list[str]:

@@ -14,8 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.unit.roles import test_build_log_receiver as receiver_tests
-from tests.unit.roles.test_build_log_receiver import LINE, Setup, _run
+from tests.unit.services import test_build_log_receiver as receiver_tests
+from tests.unit.services.test_build_log_receiver import LINE, Setup, _run
 
 # The receiver tests' fixtures: a logs key, a signed remote and its clone, the settings.
 keys = receiver_tests.keys

@@ -23,16 +23,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
+from qubes_infra_services import definitions, webhook_receiver, webhook_settings, webhook_worker
+from qubes_infra_services.webhook_log import DecisionLog
+from qubes_infra_services.webhook_spool import Spool
+from tests.unit.services import RECEIVER_APPLICATION, SERVICES
 from tests.utils import github_webhook
-
-FILES = Path(__file__).resolve().parents[3] / "roles/webhooks/files"
-sys.path.insert(0, str(FILES))
-
-import webhook_receiver  # noqa: E402
-import webhook_settings  # noqa: E402
-import webhook_worker  # noqa: E402
-from webhook_log import DecisionLog  # noqa: E402
-from webhook_spool import Spool  # noqa: E402
 
 SECRET = b"a webhook secret for the tests"
 SIGNED_COMMAND = (
@@ -208,6 +203,9 @@ def test_malformed_json_is_refused_400(place: Place) -> None:
         "QubesOS/qubes-",
         "QubesOS/core\nadmin",
         "QubesOS/qubes-core-admin\n",
+        # A leading '-' would reach the build qube's programs as an option.
+        "QubesOS/qubes--help",
+        "QubesOS/-x",
     ],
 )
 def test_a_repository_name_that_is_no_component_name_is_refused(
@@ -333,8 +331,8 @@ def test_gunicorn_serves_the_receiver_on_a_unix_socket(tmp_path: Path) -> None:
             "--workers",
             "2",
             "--chdir",
-            str(FILES),
-            "webhook_receiver:create_application()",
+            str(SERVICES),
+            RECEIVER_APPLICATION,
         ],
         env={**os.environ, "WEBHOOKS_SETTINGS": str(settings)},
         stdout=subprocess.DEVNULL,
@@ -599,8 +597,9 @@ def test_an_interrupted_delivery_is_made_again_after_a_restart(
 def test_events_that_are_not_the_receivers_or_names_with_a_newline_are_dropped(
     place: Place, fake_qrexec: Path
 ) -> None:
-    assert webhook_worker.QUBE_NAME.fullmatch("build-fedora\n") is None
+    assert not definitions.is_qube_name("build-fedora\n")
     assert not webhook_worker.well_formed({"kind": "trigger", "component": "core\n"}, 8192)
+    assert not webhook_worker.well_formed({"kind": "trigger", "component": "-x"}, 8192)
     assert not webhook_worker.well_formed({"kind": "command", "command": "x" * 8193}, 8192)
     (place.spool / "trigger-a").write_text(json.dumps({"kind": "trigger", "component": "a\n"}))
     (place.spool / "command-1").write_text("[]")
@@ -635,7 +634,7 @@ def wait_until(condition: Callable[[], bool], seconds: float = 30) -> bool:
 
 def start_worker(place: Place) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, str(FILES / "webhook_worker.py")],
+        [sys.executable, str(SERVICES / "webhook_worker.py")],
         env={**os.environ, "WEBHOOKS_SETTINGS": str(place.settings_file)},
     )
 

@@ -2,9 +2,10 @@
 """qubesbuilder.TriggerBuild+COMPONENT: build a component GitHub reported a push of.
 
 Run by /usr/local/etc/qubes-rpc/qubesbuilder.TriggerBuild in a build qube; dom0 lets the net
-qube call it. The argument is the only input (stdin is not read) and is hostile: exactly one,
-1 to 64 characters of [A-Za-z0-9_-] (builder-github forbids '/', '.' and space; qrexec already
-turned other characters into '_'). Every builder of builders.list that knows the component,
+qube call it. The argument is the only input (stdin is not read) and is hostile: exactly one
+component name (definitions: 1 to 64 characters of [A-Za-z0-9_-], not starting with '-', which
+a build's programs would read as an option; builder-github forbids '/', '.' and space; qrexec
+already turned other characters into '_'). Every builder of builders.list that knows the component,
 by name or by its repository's short name, gets a pending build of it; the call returns at
 once. Every decision is a line of ~/builder-github-logs/<epoch>-<pid>.log, each build's output
 goes to <same>-<component>-<release>.log; only the exit code goes back to the caller.
@@ -34,15 +35,13 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from builder_actions import build_steps
-from builder_instances import (
-    COMPONENT,
+from qubes_infra_services.builder_actions import build_steps
+from qubes_infra_services.builder_instances import (
     Builder,
     ServiceLog,
     action_environment,
@@ -52,11 +51,11 @@ from builder_instances import (
     fork_detached,
     ignore_input,
     load_config,
-    printable,
     read_builders,
     redirect_output,
     run_steps,
 )
+from qubes_infra_services.definitions import component_problem, is_component
 
 
 def argument(argv: list[str]) -> str:
@@ -64,12 +63,9 @@ def argument(argv: list[str]) -> str:
     if len(argv) != 2:
         raise ValueError(f"expected exactly one argument, got {len(argv) - 1}")
     value = argv[1]
-    if not 1 <= len(value) <= 64:
-        raise ValueError(f"component name of {len(value)} characters (1 to 64)")
-    if not COMPONENT.fullmatch(value):
-        raise ValueError(
-            f"component name {printable(value)!r} has a character outside [A-Za-z0-9_-]"
-        )
+    problem = component_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -123,7 +119,7 @@ class Pending:
             found = [
                 (entry.stat().st_mtime_ns, entry.name)
                 for entry in entries
-                if COMPONENT.fullmatch(entry.name) and entry.is_file()
+                if is_component(entry.name) and entry.is_file()
             ]
         return min(found)[1] if found else None
 
@@ -231,7 +227,3 @@ def main(argv: list[str]) -> int:
     if not known:
         log.line(f"from {source}: no builder knows {wanted}: nothing to build")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

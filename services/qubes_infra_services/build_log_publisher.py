@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import subprocess
@@ -31,6 +30,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from qubes_infra_services.definitions import (
+    is_qube_name,
+    load_settings,
+    printable,
+    settings_path,
+)
 
 CONFIG = "/usr/local/etc/qubes-infra-build/build-logs.json"
 DEFAULTS: dict[str, Any] = {
@@ -47,7 +53,6 @@ DEFAULTS: dict[str, Any] = {
     "notify": ["qrexec-client-vm", "dom0", "qubesbuilder.LogReceived+{source}"],
     "notify_timeout": 120,
 }
-QUBE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]{0,30}")
 LOG_NAME = re.compile(r"log_(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)(?:\.(\d{1,4}))?(?:\.xz)?")
 ERROR_SHOWN = 2000
 LOCK_NAME = "qubes-infra-build-publish.lock"
@@ -65,18 +70,14 @@ class PublishError(Exception):
 
 def load_config() -> dict[str, Any]:
     """The settings the build_logs role wrote; BUILD_LOGS_CONFIG names another file (tests)."""
-    config = dict(DEFAULTS)
-    with (
-        contextlib.suppress(FileNotFoundError),
-        open(os.environ.get("BUILD_LOGS_CONFIG", CONFIG), encoding="utf-8") as source,
-    ):
-        config.update(json.load(source))
+    config = load_settings(settings_path("BUILD_LOGS_CONFIG", CONFIG), DEFAULTS)
     config["directory"] = os.path.expanduser(config["directory"])
     return config
 
 
-def _printable(text: str) -> str:
-    return re.sub(r"[^\x20-\x7e\n]", "?", text)[-ERROR_SHOWN:].strip()
+def _tool_error(text: str) -> str:
+    """Error output of a tool, whose end says most."""
+    return printable(text, ERROR_SHOWN, newlines=True, last=True)
 
 
 def journal(message: str) -> None:
@@ -108,7 +109,7 @@ class Git:
     def __call__(self, *arguments: str) -> str:
         result = self.run(*arguments)
         if result.returncode != 0:
-            raise PublishError(f"git {arguments[0]} failed: {_printable(result.stderr)}")
+            raise PublishError(f"git {arguments[0]} failed: {_tool_error(result.stderr)}")
         return result.stdout
 
     def paths(self, command: str, *arguments: str) -> list[str]:
@@ -180,7 +181,7 @@ def _commit(git: Git, log_path: str) -> None:
     own = os.path.relpath(log_path, git.repository)
     for name in git.paths("ls-files", "--others", "--exclude-standard"):
         top = name.split("/", 1)[0]
-        if name != own and QUBE_NAME.fullmatch(top) and _idle(os.path.join(git.repository, name)):
+        if name != own and is_qube_name(top) and _idle(os.path.join(git.repository, name)):
             _commit_one(git, name)
     _commit_one(git, own)
 
@@ -211,7 +212,7 @@ def _push(git: Git, commit: str, branch: str) -> bool:
         fields = line.split("\t")
         if len(fields) == 3 and fields[0] == "!" and fields[2].startswith("[remote rejected]"):
             return False
-    raise PublishError(f"git push failed: {_printable(result.stderr + result.stdout)}")
+    raise PublishError(f"git push failed: {_tool_error(result.stderr + result.stdout)}")
 
 
 def _set_aside(git: Git, commit: str, base: str) -> list[str]:
@@ -321,7 +322,7 @@ def notify(source: str, config: dict[str, Any]) -> None:
     if result.returncode != 0:
         raise PublishError(
             "the log was pushed, but telling the keys qube failed"
-            f" (exit {result.returncode}): {_printable(result.stderr.decode('utf-8', 'replace'))}"
+            f" (exit {result.returncode}): {_tool_error(result.stderr.decode('utf-8', 'replace'))}"
         )
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-FILES = ROOT / "roles/build_vm/files"
-WORLD_BUILDER = ROOT / "qubesim/world_builder"
-TRIGGER = FILES / "trigger_build.py"
+from tests.unit.services import SERVICES
+
+WORLD_BUILDER = SERVICES.parent / "qubesim/world_builder"
+TRIGGER = SERVICES / "trigger_build.py"
 # A build that records itself, then waits until the test creates DIR/release-COMPONENT.
 RECORDING_BUILD = """#!/bin/sh
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -254,6 +254,8 @@ def test_an_unknown_component_builds_nothing(qube: Qube, builders: tuple[Path, P
         (["core admin"], "outside [A-Za-z0-9_-]"),
         (["core+admin"], "outside [A-Za-z0-9_-]"),
         (["c" * 65], "of 65 characters"),
+        (["-x"], "starts with '-'"),
+        (["--help"], "starts with '-'"),
         ([""], "of 0 characters"),
         ([], "exactly one argument, got 0"),
         (["core-admin", "gui-daemon"], "exactly one argument, got 2"),

@@ -15,6 +15,8 @@ import os
 import re
 import time
 
+from qubes_infra_services.definitions import printable
+
 UNSAFE = re.compile(r"[^A-Za-z0-9_.,:/+=@-]")
 MAX_VALUE = 64
 MAX_REASON = 200
@@ -27,7 +29,7 @@ def value(text: object, limit: int = MAX_VALUE) -> str:
 
 def reason(text: str) -> str:
     """Free text in double quotes: printable ASCII, no quotes, bounded."""
-    cleaned = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text[:MAX_REASON])
+    cleaned = printable(text, MAX_REASON).replace('"', "?").replace("\\", "?")
     return f'"{cleaned}"'
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from builder_instances import Builder, Step, find_component
-from command_grammar import Command
+from qubes_infra_services.builder_instances import Builder, Step, find_component
+from qubes_infra_services.command_grammar import Command
 
 MAKE_WITH_LOG = "scripts/make-with-log"
 

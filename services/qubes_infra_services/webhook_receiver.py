@@ -35,20 +35,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import webhook_settings
-from webhook_deliveries import Deliveries, Duplicate, TooOld
-from webhook_log import DecisionLog
-from webhook_spool import Spool, SpoolFull
+from qubes_infra_services import webhook_settings
+from qubes_infra_services.definitions import COMPONENT_RULE, is_component
+from qubes_infra_services.webhook_deliveries import Deliveries, Duplicate, TooOld
+from qubes_infra_services.webhook_log import DecisionLog
+from qubes_infra_services.webhook_spool import Spool, SpoolFull
 
 ROUTES = {
     "/api/services/trigger_build": "push",
     "/api/services/process_comment": "issue_comment",
 }
 SIGNATURE_PREFIX = "sha256="
-# What qubesbuilder.TriggerBuild takes as its argument: 1-64 characters, no `/`, `.` or space;
-# here only letters, digits, `_` and `-` (qrexec would turn anything else into `_`).
-# Matched whole (fullmatch): `$` would let a trailing newline through into a spool file's name.
-COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SIGNED_START = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: "
 SIGNED_END = "\n-----END PGP SIGNATURE-----"
 # Deepest JSON nesting read (GitHub's payloads nest about 6 deep); deeper is refused before the
@@ -98,12 +95,8 @@ def component_of(full_name: object) -> str:
         raise Refused(400, "refused", "repository.full_name is not OWNER/NAME")
     name = full_name.split("/")[1]
     component = name.removeprefix("qubes-")
-    if not COMPONENT.fullmatch(component):
-        raise Refused(
-            400,
-            "refused",
-            "repository name is not a component name (1-64 letters, digits, _ or -)",
-        )
+    if not is_component(component):
+        raise Refused(400, "refused", f"repository name is not a component name ({COMPONENT_RULE})")
     return component
 
 

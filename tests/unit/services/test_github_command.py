@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.roles.test_trigger_build import (
-    FILES,
+from qubes_infra_services import command_grammar, used_commands
+from tests.unit.services import SERVICES
+from tests.unit.services.test_trigger_build import (
     LOG_COMMAND_BUILD,
     Qube,
     make_builder,
@@ -26,11 +26,8 @@ from tests.unit.roles.test_trigger_build import (
     wait_for,
 )
 
-COMMAND = FILES / "github_command.py"
-sys.path.insert(0, str(FILES))
+COMMAND = SERVICES / "github_command.py"
 
-import command_grammar  # noqa: E402
-import used_commands  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gpg") is None or shutil.which("gpgv") is None, reason="needs gpg and gpgv"
@@ -405,6 +402,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
         (f"Upload-component 4.2 core-admin {COMMIT} current all", "release '4.2'"),
         (f"Upload-component r4.2 core.admin {COMMIT} current all", "component 'core.admin'"),
         (f"Upload-component r4.2 {'c' * 65} {COMMIT} current all", "component 'ccc"),
+        (f"Upload-component r4.2 -core {COMMIT} current all", "component '-core'"),
         (f"Upload-component r4.2 core-admin {COMMIT[:39]} current all", "commit"),
         (f"Upload-component r4.2 core-admin {COMMIT.upper()} current all", "commit"),
         (f"Upload-component r4.2 core-admin {COMMIT} testing all", "not one of current"),

@@ -33,8 +33,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-# Installed side by side with its publishing step.
-from build_log_publisher import QUBE_NAME, PublishError, load_config, publish
+from qubes_infra_services.build_log_publisher import PublishError, load_config, publish
+from qubes_infra_services.definitions import qube_name_problem
 
 SUB_FOLDER_UNSAFE = re.compile(rb"[^A-Za-z0-9_-]")
 # Bytes a log line keeps: printable ASCII; everything else (escapes, NUL, UTF-8) becomes '.'.
@@ -55,8 +55,11 @@ STREAMS_SUFFIX = ".streams"
 
 def caller() -> str:
     source = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
-    if not QUBE_NAME.fullmatch(source):
-        raise SystemExit("qubesbuilder.BuildLog: no valid caller (QREXEC_REMOTE_DOMAIN)")
+    problem = qube_name_problem(source)
+    if problem is not None:
+        raise SystemExit(
+            f"qubesbuilder.BuildLog: no valid caller (QREXEC_REMOTE_DOMAIN): {problem}"
+        )
     return source
 
 
@@ -261,7 +264,3 @@ def main(argv: list[str]) -> int:
         return 0
     finally:
         os.close(fd)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from qubes_infra_services.definitions import COMPONENT_RULE, is_component
+
 # Every rule is matched whole (fullmatch): `$` would let a trailing newline through.
 MAX_MESSAGE_BYTES = 8192
 MAX_COMMAND_BYTES = 255
@@ -34,7 +36,6 @@ ARMOUR_CHECKSUM = re.compile(r"=[A-Za-z0-9+/]{4}")
 COMMAND_LINE = re.compile(r"[A-Za-z0-9_.-]+( [A-Za-z0-9_.-]+)*")
 
 RELEASE = re.compile(r"r[0-9]{1,3}(\.[0-9]{1,3}){1,2}")
-COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 TEMPLATE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 DISTRIBUTION = re.compile(r"(host|vm)-[a-z][A-Za-z0-9_-]{0,63}")
@@ -120,6 +121,12 @@ def _check(rule: re.Pattern[str], value: str, what: str) -> str:
     return value
 
 
+def _component(value: str) -> str:
+    if not is_component(value):
+        raise Malformed(f"component {value!r} breaks the rule: {COMPONENT_RULE}")
+    return value
+
+
 def _distributions(words: list[str]) -> tuple[str, ...]:
     if words == ["all"]:
         return ("all",)
@@ -149,7 +156,7 @@ def parse_command(line: str) -> Command:
     if kind == "Upload-component":
         return Command(
             **common,
-            component=_check(COMPONENT, words[1], "component"),
+            component=_component(words[1]),
             commit=_check(COMMIT, words[2], "commit"),
             repository=_one_of(words[3], COMPONENT_REPOSITORIES, "repository"),
             distributions=_distributions(words[4:]),

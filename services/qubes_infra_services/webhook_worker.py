@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -38,13 +37,12 @@ import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-import webhook_settings
-from webhook_log import DecisionLog
-from webhook_spool import Event, Queue, Spool
+from qubes_infra_services import webhook_settings
+from qubes_infra_services.definitions import is_component, is_qube_name
+from qubes_infra_services.webhook_log import DecisionLog
+from qubes_infra_services.webhook_spool import Event, Queue, Spool
 
 # Matched whole (fullmatch): `$` would let a trailing newline through.
-QUBE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]{0,30}")
-COMPONENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BUILD_VMS = 64
 IDLE_SECONDS = 0.2
 WORKER_LOCK = ".worker.lock"
@@ -101,7 +99,7 @@ def build_vms(path: str, log: DecisionLog) -> list[str]:
             lines = [line.strip() for line in listed.read(64 * 1024).splitlines()]
     except FileNotFoundError:
         lines = []
-    names = [line for line in lines if QUBE_NAME.fullmatch(line)]
+    names = [line for line in lines if is_qube_name(line)]
     if len(names) != len([line for line in lines if line]):
         log.write(worker="list", decision="skipped", reason=f"invalid lines in {path}")
     return list(dict.fromkeys(names))[:MAX_BUILD_VMS]
@@ -180,7 +178,7 @@ def wait(process: subprocess.Popen[bytes], timeout: float, running: Running) -> 
 
 def well_formed(content: dict[str, str], max_command_bytes: int) -> bool:
     if content.get("kind") == "trigger":
-        return COMPONENT.fullmatch(content.get("component", "")) is not None
+        return is_component(content.get("component", ""))
     command = content.get("command", "")
     return (content.get("kind") == "command" and command.isascii()
             and 0 < len(command) <= max_command_bytes)  # fmt: skip
@@ -387,7 +385,3 @@ def main() -> int:
         except OSError as error:
             log.write(worker="spool", decision="error", reason=str(error))
         time.sleep(IDLE_SECONDS)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

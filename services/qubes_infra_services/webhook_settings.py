@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields, replace
+
+from qubes_infra_services.definitions import load_settings, settings_path
 
 DEFAULT_PATH = "/usr/local/etc/qubes-infra-build/webhooks.json"
 # GitHub caps webhook payloads at 25 MB.
@@ -39,9 +40,8 @@ class Settings:
 
 
 def load(path: str | None = None) -> Settings:
-    path = path or os.environ.get("WEBHOOKS_SETTINGS", DEFAULT_PATH)
-    with open(path, encoding="utf-8") as stored:
-        raw = json.load(stored)
+    path = path or settings_path("WEBHOOKS_SETTINGS", DEFAULT_PATH)
+    raw = load_settings(path)
     known = {field.name for field in fields(Settings)}
     settings = Settings(**{key: raw[key] for key in raw if key in known})
     settings = replace(settings, service_logs=tuple(settings.service_logs))

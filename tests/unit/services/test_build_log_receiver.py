@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-RECEIVER = ROOT / "roles/build_logs/files/build_log_receiver.py"
+from tests.unit.services import SERVICES
+
+RECEIVER = SERVICES / "build_log_receiver.py"
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \+0000 build-a: (.*)$")
 
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="needs gpg")

@@ -25,8 +25,8 @@ import sys
 import time
 from typing import Any
 
-from builder_actions import NotForThisBuilder, command_steps
-from builder_instances import (
+from qubes_infra_services.builder_actions import NotForThisBuilder, command_steps
+from qubes_infra_services.builder_instances import (
     ServiceLog,
     action_environment,
     caller,
@@ -35,7 +35,7 @@ from builder_instances import (
     read_builders,
     start_detached,
 )
-from command_grammar import (
+from qubes_infra_services.command_grammar import (
     MAX_MESSAGE_BYTES,
     Command,
     Malformed,
@@ -43,8 +43,8 @@ from command_grammar import (
     parse_command,
     parse_message,
 )
-from command_signature import Signature, SignatureRefused, verify
-from used_commands import StoreError, command_key, consume
+from qubes_infra_services.command_signature import Signature, SignatureRefused, verify
+from qubes_infra_services.used_commands import StoreError, command_key, consume
 
 FUTURE_SKEW = 5 * 60
 TIMESTAMP_MAX_AGE = 60 * 60
@@ -188,7 +188,3 @@ def main() -> int:
     if not run(command, distributions, config, log):
         log.line(f"{command.kind}: no builder here takes it: nothing run")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
