@@ -6,10 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ansible_collections.qubes_infra.build.plugins.module_utils.verify_report import (
-    fingerprints,
-    report,
-)
+from ansible_collections.qubes_infra.build.plugins.module_utils.verify_report import report
 
 
 def build_infra_verify_report(
@@ -19,12 +16,8 @@ def build_infra_verify_report(
     flows: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The table of checks (qube, check, ok or FAIL, detail or fix) and how many failed.
-    exported_keys: keys qube -> `gpg --show-keys --with-colons` of the public key exported
-    from it."""
-    exported = {
-        qube: next(iter(fingerprints(str(listing), "pub")), "")
-        for qube, listing in (exported_keys or {}).items()
-    }
+    exported_keys: keys qube -> the primary fingerprint of the public key exported from it."""
+    exported = {str(qube): str(key or "").upper() for qube, key in (exported_keys or {}).items()}
     return report(entries, exported, volumes or [], flows)
 
 

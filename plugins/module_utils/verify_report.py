@@ -14,9 +14,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ansible_collections.qubes_infra.build.plugins.module_utils.openpgp import listed_primaries
+
 MAX_FACT = 65536  # characters of one fact a qube can make dom0 look at
 MAX_SHOWN = 60  # characters of a qube's text shown in the table
-FINGERPRINT = re.compile(r"[0-9A-F]{40}")
 CONF_VARIABLES = (
     "NO_SIGN",
     "SIGN_KEY",
@@ -50,21 +51,6 @@ def shown(text: str) -> str:
     return flat if len(flat) <= MAX_SHOWN else flat[: MAX_SHOWN - 3] + "..."
 
 
-def fingerprints(listing: str, record: str = "sec") -> list[str]:
-    """Primary fingerprints of the keys of a `gpg --with-colons` listing (`sec` or `pub`)."""
-    found, primary = [], False
-    for line in listing.splitlines():
-        fields = line.split(":")
-        if fields[0] in ("sec", "pub", "ssb", "sub"):
-            primary = fields[0] == record
-        elif fields[0] == "fpr" and primary and len(fields) > 9:
-            candidate = fields[9].upper()
-            if FINGERPRINT.fullmatch(candidate):
-                found.append(candidate)
-            primary = False
-    return found
-
-
 def listed(values: Iterable[str]) -> str:
     return shown(", ".join(values)) or "none"
 
@@ -94,7 +80,7 @@ def keys_rows(
     qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any], exported: Mapping[str, str]
 ) -> list[Row]:
     wanted, source = signing_key(expect, exported)
-    held = fingerprints(fact(facts, "secret_keys"))
+    held = listed_primaries(fact(facts, "secret_keys"))
     if not wanted:
         fix = (
             "the env names no sign_key and no public key was exported to"
@@ -113,7 +99,7 @@ def keys_rows(
 
 # -- build qubes -----------------------------------------------------------------------------------
 def no_secret_key(qube: str, facts: Mapping[str, Any], allowed: str = "") -> Row:
-    held = [key for key in fingerprints(fact(facts, "secret_keys")) if key != allowed]
+    held = [key for key in listed_primaries(fact(facts, "secret_keys")) if key != allowed]
     return check(
         qube,
         "no other secret key",
@@ -295,9 +281,9 @@ def set_aside_row(qube: str, facts: Mapping[str, Any]) -> Row:
 
 def logs_rows(qube: str, facts: Mapping[str, Any], expect: Mapping[str, Any]) -> list[Row]:
     key = str(expect.get("logs_key") or "").upper()
-    public = bool(key) and key in fingerprints(fact(facts, "public_keys"), "pub")
+    public = bool(key) and key in listed_primaries(fact(facts, "public_keys"))
     trusted = f"{key}:6:" in fact(facts, "ownertrust").splitlines()
-    secret = bool(key) and key in fingerprints(fact(facts, "secret_keys"))
+    secret = bool(key) and key in listed_primaries(fact(facts, "secret_keys"))
     mode = shown(fact(facts, "deploy_key_mode"))
     named = key or "build_logs_key_fingerprint unset"
     give = "give build_logs_public_key and build_logs_secret_key, run the build_logs role"

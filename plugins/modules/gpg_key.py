@@ -97,6 +97,7 @@ public_key:
 import re
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.qubes_infra.build.plugins.module_utils.openpgp import listed_primaries
 
 FINGERPRINT = re.compile(r"[0-9A-F]{40}\Z")
 # gpg --export-ownertrust's levels (GnuPG's TRUST_* values).
@@ -119,25 +120,14 @@ class Keyring:
             self.module.fail_json(msg=f"gpg {arguments[0]} failed (exit {rc}): {err.strip()}")
         return out if rc == 0 else ""
 
-    def primaries(self, listing: str) -> list[str]:
-        """The primary fingerprints of a --with-colons listing: the fpr line after each pub/sec."""
-        found, after_primary = [], False
-        for fields in (line.split(":") for line in listing.splitlines()):
-            if fields[0] in ("pub", "sec"):
-                after_primary = True
-            elif fields[0] == "fpr" and after_primary and len(fields) > 9:
-                found.append(fields[9].upper())
-                after_primary = False
-        return found
-
     def has(self, fingerprint: str, secret: bool) -> bool:
         listing = "--list-secret-keys" if secret else "--list-keys"
-        return fingerprint in self.primaries(
+        return fingerprint in listed_primaries(
             self.run("--with-colons", listing, "--", fingerprint, check=False)
         )
 
     def secret_with_uid(self, uid: str) -> list[str]:
-        return self.primaries(
+        return listed_primaries(
             self.run("--with-colons", "--list-secret-keys", "--", f"={uid}", check=False)
         )
 
@@ -145,7 +135,7 @@ class Keyring:
         """The one primary fingerprint of an armored key text, which holds a secret key when
         asked; fails naming what the text holds."""
         listing = self.run("--with-colons", "--show-keys", data=text, check=False)
-        primaries = self.primaries(listing)
+        primaries = listed_primaries(listing)
         if len(primaries) != 1:
             self.module.fail_json(
                 msg=f"key: must hold exactly one primary key, holds {len(primaries)}"

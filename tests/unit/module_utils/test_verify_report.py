@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ansible_collections.qubes_infra.build.plugins.module_utils.openpgp import listed_primaries
 from ansible_collections.qubes_infra.build.plugins.module_utils.verify_report import (
     MAX_SHOWN,
     conf_rows,
-    fingerprints,
     report,
     verified_tags,
 )
@@ -38,8 +38,8 @@ def failed(rows: list[Any]) -> dict[str, str]:
 
 
 def test_primary_fingerprints_only() -> None:
-    assert fingerprints(LISTING) == [KEY]
-    assert fingerprints(LISTING.replace("sec:", "pub:"), "pub") == [KEY]
+    assert listed_primaries(LISTING) == [KEY]
+    assert listed_primaries(LISTING.replace("sec:", "pub:")) == [KEY]
 
 
 def test_a_release_configuration_as_it_should_be_passes() -> None:
