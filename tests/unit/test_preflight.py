@@ -36,7 +36,12 @@ def write_vars(path: Path, values: dict[str, object]) -> None:
     path.write_text(yaml.safe_dump(values))
 
 
-def preflight(inventory: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+PREFLIGHT = ROOT / "playbooks/preflight.yml"
+
+
+def preflight(
+    inventory: Path, *arguments: str, playbook: Path = PREFLIGHT
+) -> subprocess.CompletedProcess[str]:
     environment = {
         **os.environ,
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
@@ -50,7 +55,7 @@ def preflight(inventory: Path, *arguments: str) -> subprocess.CompletedProcess[s
             str(ANSIBLE_PLAYBOOK),
             "-i",
             str(inventory / "build_infra.yml"),
-            str(ROOT / "playbooks/preflight.yml"),
+            str(playbook),
             *arguments,
         ],
         capture_output=True,
@@ -197,21 +202,8 @@ def test_a_setting_from_the_vars_of_an_import_playbook_is_refused(
 ) -> None:
     """A wrapper playbook's `vars:` on import_playbook become the imported plays' vars."""
     wrapper = tmp_path / "wrapper.yml"
-    wrapper.write_text(
-        yaml.safe_dump(
-            [{"import_playbook": str(ROOT / "playbooks/preflight.yml"), "vars": OTHER_ENVS}]
-        )
-    )
-    environment = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")}
-    result = subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "-i", str(inventory / "build_infra.yml"), str(wrapper)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-    )
+    wrapper.write_text(yaml.safe_dump([{"import_playbook": str(PREFLIGHT), "vars": OTHER_ENVS}]))
+    result = preflight(inventory, playbook=wrapper)
     refusal(result, "build_infra_envs", "dom0", "play vars (vars: of the play")
 
 

@@ -15,28 +15,9 @@ from ansible.errors import AnsibleFilterError
 from ansible_collections.qubes_infra.build.plugins.filter.gpg import gpg_fingerprints
 from ansible_collections.qubes_infra.build.plugins.module_utils.openpgp import MAX_ARMOR
 
+from tests.unit.plugins.gnupg import gpg, listed_primaries
+
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="needs gpg")
-
-
-def gpg(home: Path, *arguments: str, input: str | None = None) -> str:
-    return subprocess.run(
-        ["gpg", "--batch", "--homedir", str(home), *arguments],
-        input=input,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-def gpg_primaries(listing: str) -> list[str]:
-    """gpg's own answer, read independently of the code under test: field 10 of the fpr record
-    after each pub or sec record."""
-    lines = listing.splitlines()
-    return [
-        lines[index + 1].split(":")[9]
-        for index, line in enumerate(lines)
-        if line.startswith(("pub:", "sec:"))
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +42,7 @@ def keys(homes: dict[str, Path]) -> dict[str, str]:
     ):
         uid = f"{name} <{name}@example.org>"
         gpg(home, "--passphrase", "", "--quick-gen-key", uid, algorithm, usage, "never")
-        made[name] = gpg_primaries(gpg(home, "--with-colons", "--list-keys", f"={uid}"))[0]
+        made[name] = listed_primaries(gpg(home, "--with-colons", "--list-keys", f"={uid}"))[0]
     gpg(home, "--passphrase", "", "--quick-add-key", made["edsub"], "cv25519", "encr", "never")
     gpg(home, "--passphrase", "", "--quick-add-key", made["rsa"], "rsa2048", "encr", "never")
     return made
@@ -73,7 +54,7 @@ def test_an_armoured_key_gives_its_primary_fingerprint_as_gpg_computes_it(
     for name in ("ed", "edsub", "rsa"):
         armour = gpg(homes["keys"], "--armor", "--export", keys[name])
         shown = gpg(homes["other"], "--with-colons", "--show-keys", input=armour)
-        assert gpg_fingerprints(armour) == gpg_primaries(shown) == [keys[name]]
+        assert gpg_fingerprints(armour) == listed_primaries(shown) == [keys[name]]
 
 
 def test_every_primary_key_of_every_block_counts_subkeys_do_not(
@@ -81,7 +62,7 @@ def test_every_primary_key_of_every_block_counts_subkeys_do_not(
 ) -> None:
     together = gpg(homes["keys"], "--armor", "--export", keys["rsa"], keys["edsub"])
     apart = together + "\n" + gpg(homes["keys"], "--armor", "--export", keys["ed"])
-    expected = gpg_primaries(gpg(homes["other"], "--with-colons", "--show-keys", input=apart))
+    expected = listed_primaries(gpg(homes["other"], "--with-colons", "--show-keys", input=apart))
     assert sorted(expected) == sorted(keys.values())
     assert gpg_fingerprints(apart) == expected
 

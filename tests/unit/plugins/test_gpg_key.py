@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.plugins.gnupg import gpg, listed_primaries
+
 ROOT = Path(__file__).resolve().parents[3]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+
 pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="needs gpg")
 
 
@@ -39,7 +42,7 @@ def keys() -> Iterator[dict[str, str]]:
     for name in ("one", "two"):
         gpg(path, "--passphrase", "", "--quick-gen-key", f"{name} <{name}@example.org>",
             "ed25519", "sign", "never")  # fmt: skip
-        made[name] = primaries(
+        made[name] = listed_primaries(
             gpg(path, "--with-colons", "--list-keys", f"={name} <{name}@example.org>")
         )[0]
         made[f"{name}.public"] = gpg(path, "--armor", "--export", made[name])
@@ -49,28 +52,9 @@ def keys() -> Iterator[dict[str, str]]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def gpg(home: Path, *arguments: str, input: str | None = None) -> str:
-    return subprocess.run(
-        ["gpg", "--batch", "--homedir", str(home), *arguments],
-        input=input,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-def primaries(listing: str) -> list[str]:
-    lines = listing.splitlines()
-    return [
-        lines[index + 1].split(":")[9]
-        for index, line in enumerate(lines)
-        if line.startswith(("pub:", "sec:"))
-    ]
-
-
 def held(home: Path, secret: bool = False) -> list[str]:
     listing = "--list-secret-keys" if secret else "--list-keys"
-    return primaries(gpg(home, "--with-colons", listing))
+    return listed_primaries(gpg(home, "--with-colons", listing))
 
 
 PLAY = """
