@@ -75,12 +75,20 @@ def site(*arguments: str, inventory: str = SIMULATED_INVENTORY) -> subprocess.Co
     return ansible("ansible-playbook", "-i", inventory, "site.yml", *arguments)
 
 
+def copy_inventory(directory: Path) -> Path:
+    """The simulated example inventory copied into directory, without public keys a run may
+    have exported next to it (Ansible would read an inventory directory's every file)."""
+    source = (ROOT / SIMULATED_INVENTORY).parent
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns("public-keys"))
+    return directory
+
+
 def changed_inventory(directory: Path, **settings: object) -> str:
     """The simulated example inventory copied into directory with its description changed by
     `settings` (build_infra_* variables, in a file of its group_vars/all read after the
     example's): the preflight refuses them given any other way, -e included. Returns the
     inventory file, for site(inventory=...)."""
-    shutil.copytree(ROOT / SIMULATED_INVENTORY.rsplit("/", 1)[0], directory)
+    copy_inventory(directory)
     (directory / "group_vars/all/zz_changed.yml").write_text(json.dumps(settings))
     return str(directory / "build_infra.yml")
 

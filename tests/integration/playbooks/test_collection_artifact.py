@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,7 +16,12 @@ import pytest
 
 from qubesim import world
 from qubesim.layout import current
-from tests.integration.conftest import ROOT, SIMULATED_INVENTORY, install_artifact, run_tool
+from tests.integration.conftest import (
+    ROOT,
+    copy_inventory,
+    install_artifact,
+    run_tool,
+)
 
 
 def ansible_core_requirement() -> str:
@@ -47,8 +51,7 @@ def test_the_installed_artifact_runs_the_site_on_qubesim(
     config = tmp_path / "ansible.cfg"
     config.write_text(f"[defaults]\ncollections_path = {collections}\n")
     inventory = tmp_path / "inventory"
-    keep_out = shutil.ignore_patterns("public-keys")
-    shutil.copytree((ROOT / SIMULATED_INVENTORY).parent, inventory, ignore=keep_out)
+    copy_inventory(inventory)
     outside = world.World(current())
     world.up(outside)
 

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, SIMULATED_INVENTORY, install_artifact, run_tool
+from tests.integration.conftest import (
+    ROOT,
+    SIMULATED_INVENTORY,
+    copy_inventory,
+    install_artifact,
+    run_tool,
+)
 
 Variables = dict[str, Any]
 
@@ -73,7 +79,7 @@ REFUSALS: dict[str, tuple[Callable[[Variables], None], str, str]] = {
 
 def _write_inventory(directory: Path, change: Callable[[Variables], None]) -> Path:
     """The simulated example inventory with one change to its group_vars, in directory."""
-    shutil.copytree(ROOT / SIMULATED_INVENTORY.rsplit("/", 1)[0], directory)
+    copy_inventory(directory)
     variables_file = directory / "group_vars/all/build_infra.yml"
     variables = yaml.safe_load(variables_file.read_text())
     change(variables)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, Qvm, changed_inventory, site
+from tests.integration.conftest import Qvm, changed_inventory, copy_inventory, site
 
 POLICY = Path("/etc/qubes/policy.d/20-qubes-infra-build.policy")
 
@@ -34,12 +34,10 @@ def test_site_check_mode_changes_nothing_on_a_converged_host() -> None:
 
 def test_removing_an_environment(qvm: Qvm, tmp_path: Path) -> None:
     """Its policy lines go at once; its qubes stay unless dom0_prune is true."""
-    import shutil
-
     import yaml
 
     inventory = tmp_path / "inventory"
-    shutil.copytree(ROOT / "inventory/qubesim", inventory)
+    copy_inventory(inventory)
     variables_file = inventory / "group_vars/all/build_infra.yml"
     variables = yaml.safe_load(variables_file.read_text())
     del variables["build_infra_envs"]["kernel"]

@@ -20,10 +20,8 @@ ENVS = ("fedora", "kernel")
 LOGS = "build-logs"
 NET = "sys-net"
 OUTSIDER = "flow-outsider"
-# The simulated inventory's upload host: the world's upload server once the world is made.
-REMOTE = (
-    world.UPLOAD_HOST if world.World(current()).remote_hosts_file.exists() else "yum.qubes-os.org"
-)
+# The simulated inventory's upload host: the world's upload server (the fixture makes the world).
+REMOTE = world.UPLOAD_HOST
 SOURCES = [*(f"build-{e}" for e in ENVS), *(f"keys-{e}" for e in ENVS), LOGS, NET, OUTSIDER]
 TARGETS = ["dom0", "@default", *SOURCES]
 SERVICES = [
@@ -58,6 +56,7 @@ def expected_flows() -> dict[tuple[str, str, str], str]:
 
 @pytest.fixture(scope="module")
 def converged() -> Iterator[None]:
+    world.up(world.World(current()))
     result = site("--tags", "dom0")
     assert result.returncode == 0, result.stdout + result.stderr
     subprocess.run(["qvm-create", "--label", "red", OUTSIDER], capture_output=True)

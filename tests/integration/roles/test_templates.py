@@ -7,14 +7,13 @@ that an interrupted run is repaired by the next, and a converged run restarts no
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, as_root, audit_since, run_tool, site
+from tests.integration.conftest import as_root, audit_since, copy_inventory, run_tool, site
 
 TEMPLATE = "debian-12"
 # A small package (no dependencies beyond libc) that this machine does not have.
@@ -136,7 +135,7 @@ def test_the_templates_role_runs_on_a_minimal_template(tmp_path: Path) -> None:
     """The example's keys template on a real host is a minimal one (fedora-43-minimal), which has
     no passwordless sudo: root comes from qrexec (the qubes become method)."""
     inventory = tmp_path / "inventory"
-    shutil.copytree(ROOT / "inventory/qubesim", inventory)
+    copy_inventory(inventory)
     settings = inventory / "group_vars/all/build_infra.yml"
     settings.write_text(
         settings.read_text().replace(
