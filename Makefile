@@ -55,8 +55,9 @@ demo: bootstrap
 # make test runs in three lanes side by side, each part's output printed whole when it ends. Most
 # of an integration test's time goes to waiting on qubes, so two cores carry them well:
 # - the checks that need no simulated host, then molecule;
-# - qubesim's and the plugins' tests on each release, then the oldest ansible-core's site;
-# - the tests of the converged site, the roles and the playbooks.
+# - qubesim's and the plugins' tests on each release and the refused inventories, then the oldest
+#   ansible-core's site;
+# - the tests of the converged site, the roles and the installed artifact.
 # Each lane's hosts live under a home of their own and go when the lane ends. Only the last lane
 # uses this machine's network (its tests download through the updates proxy); the other lanes'
 # hosts get a network namespace of their own (tests/utils/own-network) with only a loopback, so
@@ -86,10 +87,13 @@ test-lane-site:
 in_lane = export QUBESIM_HOME=$(LANE_HOME)-$(1); trap '$(QUBESIM) destroy >/dev/null' EXIT;
 LANE_HOME := /var/lib/qubesim-lane
 OWN_NETWORK := $(CURDIR)/tests/utils/own-network
-# The tests of qubesim and of the plugins, which make and remove qubes of their own; the others
-# (the converged site, the roles, the playbooks) share the qubes the site converges.
-QUBE_TESTS := tests/integration/qubesim tests/integration/plugins
-SITE_TESTS := tests/integration/converged tests/integration/roles tests/integration/playbooks
+# The tests of qubesim and of the plugins, which make and remove qubes of their own, and the
+# refusals of bad inventories, which change nothing; the others (the converged site, the roles,
+# the installed artifact) share the qubes the site converges.
+QUBE_TESTS := tests/integration/qubesim tests/integration/plugins \
+  tests/integration/playbooks/test_refused_inventory.py
+SITE_TESTS := tests/integration/converged tests/integration/roles \
+  tests/integration/playbooks/test_collection_artifact.py
 
 bootstrap: apt $(VENV)/.installed $(COLLECTION_LINK) template-packages
 
