@@ -79,10 +79,8 @@ def end_commands(layout: Layout) -> None:
 
 
 def in_dom0(pid: int) -> bool:
-    try:
-        return os.stat("/proc/self/ns/mnt").st_ino == os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    except OSError:
-        return False
+    ours = _mount_namespace("self")
+    return ours is not None and ours == _mount_namespace(pid)
 
 
 # The collection's example environments on the simulator's template: Ansible's inventory in
