@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.services import SERVICES
+from tests.unit.services.qrexec_call import call_service
 
 RECEIVER = SERVICES / "build_log_receiver.py"
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} \+0000 build-a: (.*)$")
@@ -75,14 +76,7 @@ class Setup:
         environment = dict(self.environment)
         if source is not None:
             environment["QREXEC_REMOTE_DOMAIN"] = source
-        return subprocess.run(
-            ["python3", str(RECEIVER), *argv],
-            input=data,
-            env=environment,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        return call_service(RECEIVER, argv, data, environment)
 
     def remote_log(self) -> list[str]:
         """Subjects of the remote branch's commits, newest first."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.services import SERVICES
+from tests.unit.services.qrexec_call import call_service
 
 WORLD_BUILDER = SERVICES.parent / "qubesim/world_builder"
 TRIGGER = SERVICES / "trigger_build.py"
@@ -81,14 +82,7 @@ class Qube:
             "BUILD_SERVICES_CONFIG": str(self.config),
             "QREXEC_REMOTE_DOMAIN": source,
         }
-        return subprocess.run(
-            ["python3", str(program), *argv],
-            input=data,
-            env=environment,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
+        return call_service(program, argv, data, environment)
 
     def decisions(self) -> list[str]:
         """The services' decision lines, oldest call first."""
