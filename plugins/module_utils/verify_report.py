@@ -321,9 +321,14 @@ def volume_rows(volumes: Iterable[Mapping[str, Any]]) -> list[Row]:
 
 
 def flows_row(flows: Mapping[str, Any]) -> Row:
-    said = str(flows.get("stdout", "")).strip().splitlines()
-    message = said[0] if said else "the check printed nothing"
-    return check("dom0", "policy flow matrix", flows.get("rc") == 0, message,
+    """The qrexec_flows module's result: the first wrong flow, or why none could be checked."""
+    checked, wrong = flows.get("checked"), flows.get("wrong")
+    passed = isinstance(checked, int) and wrong is None
+    if passed:
+        message = f"all {checked} flows as expected"
+    else:
+        message = str(wrong or flows.get("msg") or "the check returned nothing")
+    return check("dom0", "policy flow matrix", passed, message,
                  f"{message}: run the dom0 role, and remove rules of other files in"
                  " /etc/qubes/policy.d that come before its own")  # fmt: skip
 
