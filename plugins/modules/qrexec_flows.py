@@ -210,7 +210,7 @@ def first_wrong(dom0: Dom0, flows: list[dict[str, str]], jobs: int) -> str | Non
     qubes = system(dom0, policy_tags(policy))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         verdicts = pool.map(dom0.allows, flows)
-        for flow, dom0_allows in zip(flows, verdicts):
+        for flow, dom0_allows in zip(flows, verdicts, strict=True):
             wrong = judge(flow, policy, qubes, dom0_allows, broken)
             if wrong:
                 pool.shutdown(cancel_futures=True)
@@ -227,8 +227,12 @@ def main() -> None:
     }
     module = AnsibleModule(
         argument_spec={
-            "flows": {"type": "list", "elements": "dict", "required": True,
-                      "options": flow_options},  # fmt: skip
+            "flows": {
+                "type": "list",
+                "elements": "dict",
+                "required": True,
+                "options": flow_options,
+            },
             "jobs": {"type": "int", "default": 4},
         },
         supports_check_mode=True,

@@ -20,9 +20,20 @@ FLOW = {"source": "build-fedora", "target": "dom0", "service": "qubesbuilder.Bui
 def qrexec_flows(arguments: dict[str, object], path: str) -> tuple[int, dict[str, object]]:
     """The module run by `ansible` on localhost with PATH as given: its exit code and result."""
     run = subprocess.run(
-        [str(ANSIBLE), "localhost", "-i", "localhost,", "-c", "local",
-         "-e", f"ansible_python_interpreter={sys.executable}",
-         "-m", "qubes_infra.build.qrexec_flows", "-a", json.dumps(arguments)],  # fmt: skip
+        [
+            str(ANSIBLE),
+            "localhost",
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-m",
+            "qubes_infra.build.qrexec_flows",
+            "-a",
+            json.dumps(arguments),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "PATH": path},
