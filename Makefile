@@ -54,9 +54,9 @@ demo: bootstrap
 
 # make test runs in three lanes side by side, each part's output printed whole when it ends. Most
 # of an integration test's time goes to waiting on qubes, so two cores carry them well:
-# - the checks that need no simulated host, then molecule;
-# - qubesim's and the plugins' tests on each release and the refused inventories, then the oldest
-#   ansible-core's site;
+# - the checks that need no simulated host, then the other release's slice and molecule;
+# - qubesim's and the plugins' tests and the refused inventories, then the oldest ansible-core's
+#   site;
 # - the tests of the converged site, the roles and the installed artifact.
 # Each lane's hosts live under a home of their own and go when the lane ends. Only the last lane
 # uses this machine's network (its tests download through the updates proxy); the other lanes'
@@ -72,11 +72,11 @@ test-lane-checks:
 	$(MAKE) sanity
 	$(MAKE) unit
 	$(MAKE) floor-unit
+	$(MAKE) integration-other-release
 	$(call in_lane,molecule) $(OWN_NETWORK) $(MAKE) molecule
 
 # The floor's site converges a fresh host: the qubes the tests before made keep keys of their own.
 test-lane-qubes:
-	$(MAKE) integration-other-release
 	$(call in_lane,qubes) $(OWN_NETWORK) $(MAKE) integration INTEGRATION_TESTS="$(QUBE_TESTS)"
 	$(call in_lane,floor) $(OWN_NETWORK) $(MAKE) floor-site
 

@@ -15,7 +15,7 @@ description:
   - Only what a real dom0 offers is read, never anything a qube says - the policy files, the
     qubes' facts from C(qvm-ls --raw-data --fields) and C(qvm-ls --raw-list --tags), and the exit
     code of C(qrexec-policy-exec).
-  - The module changes nothing. It does not fail on a wrong flow, it returns it (O(wrong)), so
+  - The module changes nothing. It does not fail on a wrong flow, it returns it (RV(wrong)), so
     that a report can show it; it fails when the flows cannot be checked.
 author:
   - qubes_infra.build maintainers (!UNKNOWN)
