@@ -25,8 +25,10 @@ transaction, so two processes given the same body at once accept it once.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -49,27 +51,37 @@ class Deliveries:
         self.path = path
         self.window = window
         self.max_entries = max_entries
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
+        self._local = threading.local()
 
     def _connect(self) -> sqlite3.Connection:
-        """One connection per process: gunicorn forks its workers after loading the
-        application, and a SQLite connection must not cross a fork."""
-        if self._connection is None or self._pid != os.getpid():
-            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            # A remembered delivery is on disk before the reply, as the spooled event is.
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.executescript(
-                "CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, delivery TEXT,"
-                " accepted REAL NOT NULL, signed REAL);"
-                "CREATE INDEX IF NOT EXISTS seen_delivery ON seen (delivery);"
-                "CREATE INDEX IF NOT EXISTS seen_accepted ON seen (accepted);"
-                "CREATE TABLE IF NOT EXISTS horizon (one INTEGER PRIMARY KEY CHECK (one = 1),"
-                " signed REAL NOT NULL);"
-            )
-            self._connection, self._pid = connection, os.getpid()
-        return self._connection
+        """One connection per process and thread: gunicorn forks its workers after loading the
+        application, and a SQLite connection must cross neither a fork nor a thread."""
+        if getattr(self._local, "pid", None) != os.getpid():
+            self._local.connection, self._local.pid = self._open(), os.getpid()
+        connection: sqlite3.Connection = self._local.connection
+        return connection
+
+    def _open(self) -> sqlite3.Connection:
+        # Switching to WAL takes the database without waiting on the busy timeout: the first
+        # processes to open a new file do it one at a time.
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._open_locked()
+
+    def _open_locked(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        # A remembered delivery is on disk before the reply, as the spooled event is.
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.executescript(
+            "CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, delivery TEXT,"
+            " accepted REAL NOT NULL, signed REAL);"
+            "CREATE INDEX IF NOT EXISTS seen_delivery ON seen (delivery);"
+            "CREATE INDEX IF NOT EXISTS seen_accepted ON seen (accepted);"
+            "CREATE TABLE IF NOT EXISTS horizon (one INTEGER PRIMARY KEY CHECK (one = 1),"
+            " signed REAL NOT NULL);"
+        )
+        return connection
 
     def check_age(self, signed: float | None, now: float) -> None:
         if signed is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -23,7 +24,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
-from qubes_infra_services import definitions, webhook_receiver, webhook_settings, webhook_worker
+from qubes_infra_services import (
+    definitions,
+    webhook_deliveries,
+    webhook_receiver,
+    webhook_settings,
+    webhook_worker,
+)
 from qubes_infra_services.webhook_log import DecisionLog
 from qubes_infra_services.webhook_spool import Spool
 from tests.unit.services import RECEIVER_APPLICATION, SERVICES
@@ -814,7 +821,32 @@ def test_the_same_body_sent_at_once_to_two_receiver_processes_is_accepted_once(
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(statuses) == ["200 OK"] * 7 + ["202 Accepted"]
+    assert sorted(statuses) == ["200 OK"] * 7 + ["202 Accepted"], statuses
+
+
+def remember_once(path: str, start: float, name: str) -> str:
+    """One receiver process's first delivery: it opens the memory when the others do."""
+    deliveries = webhook_deliveries.Deliveries(path, window=600, max_entries=100)
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        deliveries.once("same body", name, None, lambda: (True, "accepted"))
+    except webhook_deliveries.Duplicate:
+        return "duplicate"
+    except sqlite3.Error as error:
+        return f"failed: {error}"
+    return "accepted"
+
+
+def test_processes_opening_a_new_memory_at_once_all_get_an_answer(tmp_path: Path) -> None:
+    # SQLite's switch to WAL does not wait on the busy timeout: without opening one at a time,
+    # some of gunicorn's workers would answer their first delivery with 503.
+    context = multiprocessing.get_context("fork")
+    for round_ in range(10):
+        start = time.time() + 0.3
+        path = str(tmp_path / f"deliveries-{round_}.sqlite")
+        with context.Pool(8) as pool:
+            answers = pool.starmap(remember_once, [(path, start, str(n)) for n in range(8)])
+        assert sorted(answers) == ["accepted"] + ["duplicate"] * 7, answers
 
 
 def timed_push(name: str, pushed_at: object) -> bytes:
