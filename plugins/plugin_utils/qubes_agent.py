@@ -228,7 +228,10 @@ class _Command:
 
 
 class _Upload:
-    """A file written next to its destination and renamed into place when complete."""
+    """A file written next to its destination and renamed into place when complete: nothing
+    ever sees a part of it under its name. It is not synced to disk, as no Ansible connection
+    syncs what it puts: the file is a module's or a task's input, and the module that moves it
+    into place decides what is durable; a sync here would hold every put to the disk's pace."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -244,7 +247,6 @@ class _Upload:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(self.fd, 0o666 & ~umask)
-            os.fsync(self.fd)
         finally:
             os.close(self.fd)
         os.rename(self.temporary, self.path)
