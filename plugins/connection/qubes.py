@@ -219,10 +219,7 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils import (
     qubes_multiplexer,
     qubes_transport,
 )
-from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import (
-    ChannelError,
-    Reader,
-)
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import ChannelError
 
 display = Display()
 
@@ -391,17 +388,13 @@ class Connection(ConnectionBase):
         display.vvv(f"QUBES: {' '.join(command)}", host=self._qube())
         if self.get_option("persist"):
             link = self._multiplexer_socket(command)
-            session = qubes_client.Session(
-                qubes_transport.socket_sender(link), Reader(link.fileno()), lambda: _shut_down(link)
-            )
-            self._links[user] = _Link(session, socket=link)
+            self._links[user] = _Link(qubes_client.socket_session(link), socket=link)
         else:
             try:
                 stream = qubes_transport.Transport(command, self.get_option("connect_timeout"))
             except qubes_transport.ConnectFailure as failure:
                 raise self._failure(failure) from None
-            session = qubes_client.Session(stream.send_buffers, stream.reader, stream.kill)
-            self._links[user] = _Link(session, stream=stream)
+            self._links[user] = _Link(qubes_client.stream_session(stream), stream=stream)
         return self._links[user]
 
     def _user(self, sudoable: bool) -> str | None:
@@ -631,14 +624,8 @@ class _Link:
         if self._stream is not None:
             self._stream.close()
         if self._socket is not None:
-            _shut_down(self._socket)
+            qubes_client.shut_down(self._socket)
             self._socket.close()
-
-
-def _shut_down(link: socket.socket) -> None:
-    """End a socket for every thread using it (close alone leaves a blocked send blocked)."""
-    with contextlib.suppress(OSError):
-        link.shutdown(socket.SHUT_RDWR)
 
 
 def _try_connect(path: str) -> socket.socket | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,10 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent impo
     Reader,
     decode_json,
     encode_json,
+)
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_transport import (
+    Transport,
+    socket_sender,
 )
 
 # How long a kill waits for the channel before it tears the stream down instead.
@@ -222,3 +227,19 @@ class Session:
         except (TimeoutError, LimitExceeded):
             self._kill(request)
             raise
+
+
+def stream_session(stream: Transport) -> Session:
+    """A session over an agent's stream of its own; a kill that cannot be sent kills the stream."""
+    return Session(stream.send_buffers, stream.reader, stream.kill)
+
+
+def shut_down(link: socket.socket) -> None:
+    """End a socket for every thread using it (close alone leaves a blocked send blocked)."""
+    with contextlib.suppress(OSError):
+        link.shutdown(socket.SHUT_RDWR)
+
+
+def socket_session(link: socket.socket) -> Session:
+    """A session over a multiplexer's socket; a kill that cannot be sent shuts the socket down."""
+    return Session(socket_sender(link), Reader(link.fileno()), lambda: shut_down(link))

@@ -40,7 +40,7 @@ ODD_NAMES = [
 @pytest.fixture
 def session() -> Iterator[Session]:
     transport = Transport(["bash"], timeout=30)
-    yield Session(transport.send_buffers, transport.reader, transport.kill)
+    yield qubes_client.stream_session(transport)
     transport.close()
 
 
@@ -203,7 +203,7 @@ def _silent_after_handshake() -> list[str]:
 
 def test_a_kill_is_never_held_behind_a_blocked_writer() -> None:
     transport = Transport(_silent_after_handshake(), timeout=60)
-    session = Session(transport.send_buffers, transport.reader, transport.kill)
+    session = qubes_client.stream_session(transport)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         session.run("cat", stdin=b"x" * (16 << 20), timeout=1)
@@ -254,8 +254,7 @@ def _start_multiplexer(tmp_path: Path, idle: float) -> tuple[subprocess.Popen[by
 def _client(path: str) -> Session:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
-    sender = qubes_transport.socket_sender(client)
-    return Session(sender, qubes_agent.Reader(client.fileno()), client.close)
+    return qubes_client.socket_session(client)
 
 
 def test_multiplexer_serves_concurrent_clients_over_one_agent(tmp_path: Path) -> None:

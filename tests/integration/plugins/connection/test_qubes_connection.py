@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from ansible_collections.qubes_infra.build.plugins.connection.qubes import describe_failure
-from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_client import Session
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_client import stream_session
 from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_transport import (
     ConnectFailure,
     Transport,
@@ -176,7 +176,7 @@ def test_admin_qube_stream_runs_tasks_when_policy_allows(
     policy(f"qubes.VMShell * {admin} {target} allow")
     transport = Transport(_stream_through(admin, target), timeout=60)
     try:
-        session = Session(transport.send_buffers, transport.reader, transport.kill)
+        session = stream_session(transport)
         result = session.run("hostname; id -un")
         assert bytes(result.stdout).split() == [target.encode(), b"user"]
     finally:
