@@ -27,8 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the qube's python3 may be older than the controller's: types only here
+    from collections.abc import Callable, Sequence
+
+    Buffer = bytes | bytearray | memoryview
+    WriteBuffers = Callable[[Sequence[Buffer]], int]
 
 HANDSHAKE = b"QUBES-CHANNEL 1\n"
 HEADER = struct.Struct("!BII")
@@ -54,9 +59,6 @@ EXIT = ord("E")  # payload: JSON {"rc": int, "error": str or null}; the request 
 
 STREAM_CLOSED = "the channel to the qube closed"
 MALFORMED = "malformed message from the qube"
-
-Buffer = bytes | bytearray | memoryview
-WriteBuffers = Callable[[Sequence[Buffer]], int]
 
 
 class ChannelError(Exception):

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import (
     CHUNK,
@@ -30,7 +30,6 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent impo
     STDIN,
     STDOUT,
     STREAM_CLOSED,
-    Buffer,
     ChannelError,
     Reader,
     decode_json,
@@ -44,6 +43,9 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_transport 
 # How long a kill waits for the channel before it tears the stream down instead.
 KILL_GRACE = 2.0
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e\n]")
+
+if TYPE_CHECKING:
+    from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import Buffer
 
 
 class LimitExceeded(ChannelError):

@@ -17,17 +17,20 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ansible_collections.qubes_infra.build.plugins.plugin_utils import qubes_agent
 from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import (
     HANDSHAKE,
-    Buffer,
     ChannelError,
     FrameWriter,
     Reader,
     enlarge_pipe,
     write_all,
 )
+
+if TYPE_CHECKING:
+    from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import Buffer
 
 # How much of a failed stream's stderr is kept.
 STDERR_KEPT = 65536
