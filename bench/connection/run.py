@@ -3,7 +3,9 @@
 One run measures, side by side on the same simulated host: the same playbook (60 tasks on each of
 3 qubes, forks 3) with `connection: local` in dom0 (the floor), this plugin one-shot, this plugin
 persistent and community.general.qubes, at QUBESIM_QREXEC_DELAY_MS 0 and 100; then a 1 GiB put and
-fetch through the persistent plugin. It prints wall times, qrexec calls per task and the ratios.
+fetch: by the same playbook with the local connection (the floor), through the persistent plugin,
+and through the plugin alone. It prints wall times, qrexec calls per task, transfer rates, peak
+memory and the ratios.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -151,20 +152,29 @@ def peak_rss_kib(pattern: str) -> int:
     return peak
 
 
-def transfer(directory: Path, size_mib: int) -> None:
-    big = directory / "big.bin"
-    with big.open("wb") as out:
-        block = os.urandom(1 << 20)
-        for _ in range(size_mib):
-            out.write(block)
-    mode = Mode(
-        "transfer",
-        {"ansible_connection": "qubes_infra.build.qubes", "ansible_qubes_persist_idle": 30},
-    )
-    path = directory / "hosts.json"
-    path.write_text(json.dumps({"all": {"hosts": {QUBES[0]: {}}, "vars": mode.variables}}))
+def run_measured(argv: list[str], **kwargs: object) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in KiB of the process and the children it waited for, stdout)."""
     begin = time.monotonic()
-    run(
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+    output = process.stdout.read()
+    _pid, status, usage = os.wait4(process.pid, 0)
+    seconds = time.monotonic() - begin
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({process.returncode}):\n{output}")
+    return seconds, usage.ru_maxrss, output
+
+
+def transfer_playbook(
+    directory: Path, variables: dict[str, object], big: Path
+) -> tuple[float, int]:
+    """The transfer playbook (copy, fetch, remove) on the first qube with these variables. The
+    fetched copy goes before the next run: fetch skips a destination that is already equal."""
+    fetched = directory / "back.bin"
+    fetched.unlink(missing_ok=True)
+    path = directory / "hosts.json"
+    path.write_text(json.dumps({"all": {"hosts": {QUBES[0]: {}}, "vars": variables}}))
+    seconds, rss, _output = run_measured(
         [
             "ansible-playbook",
             "-i",
@@ -173,39 +183,83 @@ def transfer(directory: Path, size_mib: int) -> None:
             "-e",
             f"big_file={big}",
             "-e",
-            f"fetch_to={directory / 'back.bin'}",
+            f"fetch_to={fetched}",
         ],
         env=ansible_environment(0),
         cwd=ROOT,
     )
-    seconds = time.monotonic() - begin
-    controller = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    multiplexer = peak_rss_kib("qubes_channel.py mux")
+    fetched.unlink()
+    return seconds, rss
+
+
+def transfer(directory: Path, size_mib: int) -> None:
+    """The same file put and fetched three ways: the playbook with the local connection (the
+    floor: Ansible's copy and fetch, checksums included, without any channel), the same playbook
+    through this plugin, and this plugin alone (put_file and fetch_file, no module around them)."""
+    big = directory / "big.bin"
+    with big.open("wb") as out:
+        block = os.urandom(1 << 20)
+        for _ in range(size_mib):
+            out.write(block)
+    remote_local = directory / "local"
+    remote_local.mkdir()
+    plugin = {"ansible_connection": "qubes_infra.build.qubes", "ansible_qubes_persist_idle": 30}
+    local = {**MODES[0].variables, "remote_dir": str(remote_local)}
+    rows = {
+        "playbook, connection: local (floor)": transfer_playbook(directory, local, big),
+        "playbook, this plugin (persistent)": transfer_playbook(directory, plugin, big),
+    }
+    seconds, rss, output = run_measured(
+        [
+            sys.executable,
+            str(HERE / "plugin_transfer.py"),
+            QUBES[0],
+            str(big),
+            "/home/user/bench-alone.bin",
+            str(directory / "alone.bin"),
+        ],
+        env=ansible_environment(0),
+        cwd=ROOT,
+    )
+    alone = json.loads(output)
+    rows["this plugin alone (put_file + fetch_file)"] = (alone["put"] + alone["fetch"], rss)
+    multiplexer = peak_rss_kib(".ansible/cp/qubes-")
     agent = run(
         [
             "qvm-run",
             "--pass-io",
             QUBES[0],
-            "grep VmHWM /proc/$(pgrep -f 'qubes_channel.*agent' | head -1)/status",
+            "grep VmHWM /proc/$(pgrep -f 'sys.stdin.buffer.read' | head -1)/status",
         ]
     ).stdout.split()[1]
+    floor = rows["playbook, connection: local (floor)"][0]
+    print(f"\n{size_mib} MiB put + fetch")
+    print(f"{'path':44} {'s':>6} {'MiB/s':>6} {'x floor':>8} {'peak RSS MiB':>13}")
+    for name, (seconds, rss) in rows.items():
+        print(
+            f"{name:44} {seconds:6.1f} {2 * size_mib / seconds:6.0f} {seconds / floor:8.2f}"
+            f" {rss / 1024:13.0f}"
+        )
     print(
-        f"\n{size_mib} MiB put + fetch (persistent): {seconds:.1f} s,"
-        f" {2 * size_mib / seconds:.0f} MiB/s;"
-        f" peak RSS: controller processes {controller / 1024:.0f} MiB,"
-        f" multiplexer {multiplexer / 1024:.0f} MiB, agent in the qube {int(agent) / 1024:.0f} MiB"
+        f"plugin alone: put {alone['put']:.1f} s, fetch {alone['fetch']:.1f} s;"
+        f" peak RSS: multiplexer {multiplexer / 1024:.0f} MiB,"
+        f" agent in the qube {int(agent) / 1024:.0f} MiB"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delays", default="0,100", help="QUBESIM_QREXEC_DELAY_MS values")
+    parser.add_argument(
+        "--delays",
+        default="0,100",
+        help="QUBESIM_QREXEC_DELAY_MS values (empty: no playbook timing)",
+    )
     parser.add_argument("--transfer-mib", type=int, default=1024)
     arguments = parser.parse_args()
     prepare_qubes()
     with tempfile.TemporaryDirectory() as temporary:
         directory = Path(temporary)
-        for delay in (int(value) for value in arguments.delays.split(",")):
+        for delay in (int(value) for value in arguments.delays.split(",") if value):
             results = {mode.name: measure(mode, delay, directory) for mode in MODES}
             floor = results[MODES[0].name][0]
             community = results[MODES[3].name][0]

@@ -33,13 +33,18 @@ notes:
 """
 
 EXAMPLES = r"""
-# inventory: tasks with `become: true` run as root in the qube, with no sudo in it
-build_vms:
-  hosts:
-    build-fedora:
+# a play: root in a minimal template (no sudo there) for the tasks that ask for it; the hosts use
+# the qubes_infra.build.qubes connection
+- name: Packages of the build templates
+  hosts: templates
   vars:
-    ansible_connection: qubes_infra.build.qubes
     ansible_become_method: qubes_infra.build.qubes
+  tasks:
+    - name: Git is installed
+      become: true
+      ansible.builtin.package:
+        name: git
+        state: present
 """
 
 import shlex
@@ -68,4 +73,8 @@ class BecomeModule(BecomeBase):
         super().build_become_command(cmd, shell)
         if not cmd:
             return cmd
-        return f"{user_check(self.get_option('become_user') or 'root')}; {cmd}"
+        return f"{user_check(self.target_user())}; {cmd}"
+
+    def target_user(self) -> str:
+        """The user the connection opens the stream as, and the command checks it runs as."""
+        return str(self.get_option("become_user") or "root")

@@ -204,7 +204,6 @@ import select
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -215,7 +214,12 @@ from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
 from ansible_collections.qubes_infra.build.plugins.become import qubes as become_qubes
-from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_channel
+from ansible_collections.qubes_infra.build.plugins.plugin_utils import (
+    qubes_client,
+    qubes_multiplexer,
+    qubes_transport,
+)
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import ChannelError
 
 display = Display()
 
@@ -247,7 +251,7 @@ def describe_failure(
     detail = f" (exit {returncode})" if returncode is not None else ""
     if state is None:
         detail += ": it may not exist, be halted with autostart off or be refused by policy"
-    excerpt = qubes_channel.printable(stderr, SHOWN).strip()
+    excerpt = qubes_client.printable(stderr, SHOWN).strip()
     return f"could not reach qube {qube!r}{detail}" + (f"; it said: {excerpt}" if excerpt else "")
 
 
@@ -356,7 +360,7 @@ class Connection(ConnectionBase):
             command += ["--user", user]
         return [*command, qube, service]
 
-    def _failure(self, failure: qubes_channel.ConnectFailure) -> AnsibleConnectionFailure:
+    def _failure(self, failure: qubes_transport.ConnectFailure) -> AnsibleConnectionFailure:
         qube = self._qube()
         stderr = to_text(failure.stderr, errors="surrogate_or_replace")
         if failure.returncode is None and not stderr:
@@ -384,23 +388,20 @@ class Connection(ConnectionBase):
         display.vvv(f"QUBES: {' '.join(command)}", host=self._qube())
         if self.get_option("persist"):
             link = self._multiplexer_socket(command)
-            reader = qubes_channel.Reader(link.fileno())
-            session = qubes_channel.Session(link.sendall, reader, lambda: _shut_down(link))
-            self._links[user] = _Link(session, socket=link)
+            self._links[user] = _Link(qubes_client.socket_session(link), socket=link)
         else:
             try:
-                stream = qubes_channel.Transport(command, self.get_option("connect_timeout"))
-            except qubes_channel.ConnectFailure as failure:
+                stream = qubes_transport.Transport(command, self.get_option("connect_timeout"))
+            except qubes_transport.ConnectFailure as failure:
                 raise self._failure(failure) from None
-            session = qubes_channel.Session(stream.send_bytes, stream.reader, stream.kill)
-            self._links[user] = _Link(session, stream=stream)
+            self._links[user] = _Link(qubes_client.stream_session(stream), stream=stream)
         return self._links[user]
 
     def _user(self, sudoable: bool) -> str | None:
         """Who runs a command: the become user when the task becomes one with this collection's
         become plugin (the qube is asked for that user; no sudo), else the connection's user."""
         if sudoable and self.become is not None and self.become.name == become_qubes.NAME:
-            return str(self.become.get_option("become_user") or "root")
+            return self.become.target_user()
         return self.get_option("remote_user")
 
     def _control_path(self, command: list[str]) -> str:
@@ -453,7 +454,7 @@ class Connection(ConnectionBase):
         }
         read_end, write_end = os.pipe()
         process = subprocess.Popen(
-            [sys.executable, qubes_channel.__file__, "mux", json.dumps(spec), str(write_end)],
+            qubes_multiplexer.command(spec, write_end),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -476,14 +477,14 @@ class Connection(ConnectionBase):
             ) from None
         if not report.get("ok"):
             raise self._failure(
-                qubes_channel.ConnectFailure(
+                qubes_transport.ConnectFailure(
                     report.get("message", ""),
                     report.get("returncode"),
                     to_bytes(report.get("stderr", "")),
                 )
             )
 
-    def _require_session(self, sudoable: bool = False) -> qubes_channel.Session:
+    def _require_session(self, sudoable: bool = False) -> qubes_client.Session:
         self._connect()
         return self._link(self._user(sudoable)).session
 
@@ -516,13 +517,13 @@ class Connection(ConnectionBase):
             raise AnsibleError(
                 f"command timed out after {timeout} seconds in qube {self._qube()!r} and was killed"
             ) from None
-        except qubes_channel.LimitExceeded:
+        except qubes_client.LimitExceeded:
             self._abandon()
             raise AnsibleError(
                 f"command in qube {self._qube()!r} returned more than"
                 f" {self.get_option('output_limit')} MiB of output (output_limit) and was killed"
             ) from None
-        except (OSError, qubes_channel.ChannelError) as error:
+        except (OSError, ChannelError) as error:
             raise self._broken(error) from None
         return result.rc, bytes(result.stdout), bytes(result.stderr)
 
@@ -540,7 +541,7 @@ class Connection(ConnectionBase):
                 f"transfer of {in_path} to qube {self._qube()!r} took more than {timeout}"
                 " seconds (transfer_timeout) and was stopped"
             ) from None
-        except (OSError, qubes_channel.ChannelError) as error:
+        except (OSError, ChannelError) as error:
             raise self._broken(error) from None
         if result.rc != 0:
             raise AnsibleError(
@@ -577,19 +578,19 @@ class Connection(ConnectionBase):
                 f"fetch of {in_path} from qube {self._qube()!r} took more than"
                 f" {self.get_option('transfer_timeout')} seconds (transfer_timeout) and was stopped"
             )
-        if isinstance(error, qubes_channel.LimitExceeded):
+        if isinstance(error, qubes_client.LimitExceeded):
             self._abandon()
             return AnsibleError(
                 f"{in_path} in qube {self._qube()!r} is larger than"
                 f" {self.get_option('fetch_limit')} MiB (fetch_limit): the fetch was stopped"
             )
-        if isinstance(error, (OSError, qubes_channel.ChannelError)):
+        if isinstance(error, (OSError, ChannelError)):
             return self._broken(error)
         return error
 
     @staticmethod
     def _shown(text: str | None) -> str:
-        return qubes_channel.printable(text or "unknown error", SHOWN)
+        return qubes_client.printable(text or "unknown error", SHOWN)
 
     def reset(self) -> None:
         """Start afresh: the next task gets new streams (and new agents) in the qube."""
@@ -611,9 +612,9 @@ class _Link:
 
     def __init__(
         self,
-        session: qubes_channel.Session,
+        session: qubes_client.Session,
         socket: socket.socket | None = None,
-        stream: qubes_channel.Transport | None = None,
+        stream: qubes_transport.Transport | None = None,
     ) -> None:
         self.session = session
         self._socket = socket
@@ -623,14 +624,8 @@ class _Link:
         if self._stream is not None:
             self._stream.close()
         if self._socket is not None:
-            _shut_down(self._socket)
+            qubes_client.shut_down(self._socket)
             self._socket.close()
-
-
-def _shut_down(link: socket.socket) -> None:
-    """End a socket for every thread using it (close alone leaves a blocked send blocked)."""
-    with contextlib.suppress(OSError):
-        link.shutdown(socket.SHUT_RDWR)
 
 
 def _try_connect(path: str) -> socket.socket | None:

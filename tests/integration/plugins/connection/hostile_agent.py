@@ -2,7 +2,7 @@
 """A compromised qube's answer to the connection plugin, for the tests only (never shipped).
 
 Root in the qube installs this as /usr/local/bin/python3, ahead of the real one on PATH. When the
-plugin starts its agent (`python3 -c LOADER agent`, the agent's source on stdin), this reads that
+plugin starts its agent (`python3 -c LOADER`, the agent's source on stdin), this reads that
 source and misbehaves as /etc/hostile-agent-mode says; any other use of python3 goes to the real
 interpreter. The modes that answer requests reuse the real agent and change one of its handlers.
 """
@@ -133,16 +133,16 @@ def serve(channel: dict[str, Any], handler: Handler) -> None:
     stdout = sys.stdout.buffer
     stdout.write(channel["HANDSHAKE"])
     stdout.flush()
-    Hostile(sys.stdin.buffer, stdout).serve()
+    Hostile(channel["Reader"](0), lambda buffers: os.writev(1, buffers)).serve()
 
 
 def main(argv: list[str]) -> None:
-    loader = re.fullmatch(r"-c\0(.*read\((\d+)\).*qubes_channel.*)\0agent", "\0".join(argv))
+    loader = re.fullmatch(r"-c\0(.*read\((\d+)\).*qubes_agent.*)", "\0".join(argv))
     if loader is None:
         os.execv(REAL_PYTHON, [REAL_PYTHON, *argv])
     source = sys.stdin.buffer.read(int(loader.group(2)))
-    channel: dict[str, Any] = {"__name__": "qubes_channel"}
-    exec(compile(source, "qubes_channel", "exec"), channel)
+    channel: dict[str, Any] = {"__name__": "qubes_agent"}  # not __main__: it does not start itself
+    exec(compile(source, "qubes_agent", "exec"), channel)
     with open(MODE_FILE) as mode_file:
         mode = mode_file.read().strip()
     if mode in STARTS:

@@ -256,7 +256,7 @@ def test_an_interrupted_run_leaves_no_process_behind(
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
-    while not any("mux" in argv for argv in processes_naming(hostile)):
+    while not any("qubes_multiplexer" in argv for argv in processes_naming(hostile)):
         assert time.monotonic() < deadline, "the multiplexer never started"
         time.sleep(0.2)
     time.sleep(1)

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 from ansible_collections.qubes_infra.build.plugins.connection.qubes import describe_failure
-from ansible_collections.qubes_infra.build.plugins.module_utils import qubes_channel as channel
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_client import stream_session
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_transport import (
+    ConnectFailure,
+    Transport,
+)
 
 from tests.integration.conftest import Policy, Qvm, audit_since
 from tests.integration.conftest import ansible as run_ansible
@@ -170,9 +174,9 @@ def test_admin_qube_stream_runs_tasks_when_policy_allows(
     for name in (admin, target):
         qvm("qvm-create", "--label", "black", "--property", "netvm=", name)
     policy(f"qubes.VMShell * {admin} {target} allow")
-    transport = channel.Transport(_stream_through(admin, target), timeout=60)
+    transport = Transport(_stream_through(admin, target), timeout=60)
     try:
-        session = channel.Session(transport.send_bytes, transport.reader, transport.kill)
+        session = stream_session(transport)
         result = session.run("hostname; id -un")
         assert bytes(result.stdout).split() == [target.encode(), b"user"]
     finally:
@@ -186,8 +190,8 @@ def test_admin_qube_stream_refused_by_policy_is_told_apart(
     for name in (admin, target):
         qvm("qvm-create", "--label", "black", "--property", "netvm=", name)
     policy(f"qubes.VMShell * {admin} {target} deny")
-    with pytest.raises(channel.ConnectFailure) as failure:
-        channel.Transport(_stream_through(admin, target), timeout=60)
+    with pytest.raises(ConnectFailure) as failure:
+        Transport(_stream_through(admin, target), timeout=60)
     # From an admin qube there is no qvm-check: the verdict rests on the exit code alone.
     reason = describe_failure(
         target, failure.value.returncode, failure.value.stderr.decode(), True, None
