@@ -197,6 +197,7 @@ build_vms:
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -215,6 +216,7 @@ from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
 from ansible_collections.qubes_infra.build.plugins.become import qubes as become_qubes
 from ansible_collections.qubes_infra.build.plugins.plugin_utils import (
+    qubes_agent,
     qubes_client,
     qubes_multiplexer,
     qubes_transport,
@@ -222,6 +224,7 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils import (
 from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent import ChannelError
 
 display = Display()
+
 
 CONTROL_DIRECTORY = "~/.ansible/cp"
 # Characters of a qube's text (stderr, error messages) shown to the operator at most.
@@ -231,6 +234,17 @@ START_SLACK = 15
 MIB = 1 << 20
 # The variables of this plugin that Ansible does not already drop from module facts.
 OWN_VARIABLES = "ansible_qubes_"
+
+
+@functools.cache
+def _channel_code() -> str:
+    """A digest of the channel's code on both ends: the agent, the transport, the client and
+    the multiplexer."""
+    digest = hashlib.sha256()
+    for module in (qubes_agent, qubes_transport, qubes_client, qubes_multiplexer):
+        with open(module.__file__ or "", "rb") as source:
+            digest.update(source.read())
+    return digest.hexdigest()
 
 
 def describe_failure(
@@ -405,7 +419,9 @@ class Connection(ConnectionBase):
         return self.get_option("remote_user")
 
     def _control_path(self, command: list[str]) -> str:
-        digest = hashlib.sha256(json.dumps(command).encode()).hexdigest()[:20]
+        # The channel's code is part of the name: after the collection is upgraded, its client
+        # starts a multiplexer and agent of its own version, never one left by the old version.
+        digest = hashlib.sha256(json.dumps([command, _channel_code()]).encode()).hexdigest()[:20]
         return os.path.join(os.path.expanduser(CONTROL_DIRECTORY), f"qubes-{digest}")
 
     def _multiplexer_socket(self, command: list[str]) -> socket.socket:

@@ -1,8 +1,10 @@
-"""How the connection plugin names a failure to reach a qube, and which facts it refuses."""
+"""How the connection plugin names a failure to reach a qube, which facts it refuses, and which
+multiplexer it reuses."""
 
 from __future__ import annotations
 
 import pytest
+from ansible_collections.qubes_infra.build.plugins.connection import qubes
 from ansible_collections.qubes_infra.build.plugins.connection.qubes import (
     describe_failure,
     planted_variables,
@@ -106,3 +108,15 @@ def test_ordinary_facts_are_not_refused() -> None:
     facts = {"hostname": "x", "user_id": "user", "host": "x", "distribution": "Debian"}
     assert planted_variables(NAMES, {"ansible_facts": facts}) == []
     assert planted_variables(NAMES, {}) == []
+
+
+def test_a_multiplexer_of_other_channel_code_is_never_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After an upgrade of the collection, a multiplexer the old version left running (for
+    persist_idle) speaks the old protocol: the new client must start one of its own."""
+    command = ["qvm-run", "--pass-io", "build-fedora", "qubes.VMShell"]
+    path = qubes.Connection._control_path(None, command)  # type: ignore[arg-type]
+    assert path == qubes.Connection._control_path(None, command)  # type: ignore[arg-type]
+    monkeypatch.setattr(qubes, "_channel_code", lambda: "the code of another version")
+    assert qubes.Connection._control_path(None, command) != path  # type: ignore[arg-type]
