@@ -20,7 +20,7 @@ from ansible.errors import AnsibleError
 from ansible.parsing.splitter import parse_kv
 from ansible.plugins.action import ActionBase
 from ansible.utils.vars import load_extra_vars
-from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_envs import (
     MODEL,
     ConfigError,
     host_variables,

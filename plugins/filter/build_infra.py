@@ -7,17 +7,19 @@ from typing import Any
 
 from ansible.errors import AnsibleFilterError
 from ansible.module_utils.common.validation import check_type_list
-from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_envs import (
     ConfigError,
     Infrastructure,
+    load,
+)
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_infra_files import plain
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.dom0_policy import (
     PolicyFileError,
     flow_matrix,
     limited_policy_rules,
-    load,
     policy_rules,
     validate_admin_qubes,
 )
-from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_infra_files import plain
 
 
 def _infrastructure(variables: dict[str, Any]) -> Infrastructure:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ansible_collections.qubes_infra.build.plugins.module_utils.verify_report import report
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.verify_report import report
 
 
 def build_infra_verify_report(

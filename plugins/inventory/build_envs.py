@@ -60,7 +60,7 @@ import sys
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
-from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_envs import (
     ConfigError,
     Infrastructure,
     host_variables,

@@ -103,10 +103,7 @@ qube:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-    ConfigError,
-    parse_size,
-)
+from ansible_collections.qubes_infra.build.plugins.module_utils.sizes import SizeError, parse_size
 
 
 class Qvm:
@@ -244,7 +241,7 @@ class QubeState:
             return
         try:
             wanted = parse_size(wanted_text, "volume_size")
-        except ConfigError as error:
+        except SizeError as error:
             self.module.fail_json(msg=str(error))
         current = 0
         if self.qvm.exists(self.name):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ansible_collections.qubes_infra.build.plugins.module_utils.openpgp import listed_primaries
-from ansible_collections.qubes_infra.build.plugins.module_utils.verify_report import (
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.verify_report import (
     MAX_SHOWN,
     conf_rows,
     report,

@@ -1,5 +1,7 @@
-"""The build environments' data model: what qubes they make, and which input is refused (with a
-message naming the environment, the key and the rule)."""
+"""The dom0 policy and the flow matrix of the build environments: the policy, evaluated by the
+policy engine, decides every call of the matrix; a limited run rewrites only its environments'
+sections; the admin qubes reach what the site configures, and nothing that is not an admin qube
+of its own is taken as one."""
 
 from __future__ import annotations
 
@@ -7,190 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import ConfigError, load
-
-FPR = "427F11FD0FAA4B080123F01CDDFA1A3E36879494"
-KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"
-EXAMPLE: dict[str, Any] = {
-    "build_infra_remote_hosts": {
-        "yum.qubes-os.org": {"user": "user", "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"}
-    },
-    "build_infra_envs": {
-        "fedora": {
-            "volume_size": "20GiB",
-            "sign_key": FPR.lower(),
-            "builders": [
-                {
-                    "dir": "/home/user/builder-r4.2",
-                    "release": "4.2",
-                    "config_file": "R4.2/qubes-os-r4.2-host.conf",
-                    "keys": [FPR],
-                }
-            ],
-        },
-        "kernel": {"logs": "logs-kernel"},
-    },
-}
-
-
-def test_the_qubes_of_the_example() -> None:
-    infrastructure = load(EXAMPLE)
-    qubes = infrastructure.qubes()
-    assert sorted(qubes) == [
-        "build-fedora",
-        "build-kernel",
-        "build-logs",
-        "keys-fedora",
-        "keys-kernel",
-        "logs-kernel",
-    ]
-    assert qubes["build-fedora"] == {
-        "kind": "build",
-        "env": "fedora",
-        "class": "AppVM",
-        "label": "green",
-        "template": "fedora-43-xfce",
-        "netvm": "sys-whonix",
-        "volume_size": 20 * 1024**3,
-    }
-    assert qubes["keys-kernel"]["netvm"] is None
-    assert qubes["keys-kernel"]["label"] == "black"
-    assert qubes["logs-kernel"]["netvm"] == "sys-firewall"
-    assert infrastructure.envs[0].sign_key == FPR  # normalised to upper case
-    assert infrastructure.remote_hosts["yum.qubes-os.org"]["user"] == "user"
-
-
-def test_upload_hosts_are_reached_on_port_22_unless_they_name_their_own() -> None:
-    hosts = {
-        "yum.qubes-os.org": {"host_key": KEY},
-        "upload.example": {"user": "root", "host_key": KEY, "port": 10023},
-    }
-    infrastructure = load({"build_infra_remote_hosts": hosts})
-    assert infrastructure.remote_hosts["yum.qubes-os.org"] == {
-        "user": "user",
-        "host_key": KEY,
-        "port": 22,
-    }
-    assert infrastructure.remote_hosts["upload.example"]["port"] == 10023
-    # GitHub first (it is always reachable), then the upload hosts by name.
-    assert list(infrastructure.ssh_hosts.items()) == [
-        ("github.com", 22),
-        ("upload.example", 10023),
-        ("yum.qubes-os.org", 22),
-    ]
-
-
-def test_defaults_without_any_variable() -> None:
-    infrastructure = load({})
-    assert (infrastructure.netvm, infrastructure.build_netvm, infrastructure.logs_netvm) == (
-        "sys-net",
-        "sys-whonix",
-        "sys-firewall",
-    )
-    assert infrastructure.qubes() == {}
-
-
-def with_env(**env: Any) -> dict[str, Any]:
-    return {"build_infra_envs": {"fedora": env}}
-
-
-@pytest.mark.parametrize(
-    ("variables", "message"),
-    [
-        (with_env(colour="red"), "build_infra_envs.fedora: unknown key 'colour'"),
-        ({"build_infra_envs": {"x" * 26: {}}}, "longer than 31 characters"),
-        ({"build_infra_envs": {"fe.dora": {}}}, "must match ^[a-zA-Z][a-zA-Z0-9_-]*$"),
-        (
-            {"build_infra_envs": {"logs": {}}},
-            "build_infra_envs.logs.logs: 'build-logs' is also the build qube of env 'logs'",
-        ),
-        (
-            with_env(logs="keys-fedora"),
-            "build_infra_envs.fedora.logs: 'keys-fedora' is also the keys qube",
-        ),
-        (with_env(logs="sys-net"), "'sys-net' is also build_infra_netvm"),
-        (
-            {"build_infra_netvm": "build-fedora", **with_env()},
-            "build_infra_netvm: 'build-fedora' is also the build qube",
-        ),
-        (
-            with_env(volume_size="20 parsecs"),
-            "build_infra_envs.fedora.volume_size: size '20 parsecs'",
-        ),
-        (with_env(volume_size=0), "must be a positive number"),
-        (
-            with_env(sign_key="ABCD"),
-            "build_infra_envs.fedora.sign_key: 'ABCD' is not a 40-hex-digit",
-        ),
-        (
-            with_env(builders=[{"dir": "/b", "release": "R4.2", "config_file": "c"}]),
-            "build_infra_envs.fedora.builders[0].release: 'R4.2' must look like 4.2",
-        ),
-        (
-            with_env(builders=[{"dir": "b", "release": "4.2", "config_file": "c"}]),
-            "builders[0].dir: 'b' must be an absolute path",
-        ),
-        (
-            with_env(builders=[{"dir": "/b", "release": "4.2", "config_file": "../c"}]),
-            "builders[0].config_file: '../c' must be a relative path",
-        ),
-        (
-            with_env(builders=[{"dir": "/b", "release": "4.2", "config_file": "c", "keys": ["x"]}]),
-            "builders[0].keys[0]: 'x' is not a 40-hex-digit",
-        ),
-        (
-            with_env(builders=[{"dir": "/b", "release": "4.2", "config_file": "c", "extra": 1}]),
-            "builders[0]: unknown key 'extra'",
-        ),
-        (
-            {"build_infra_remote_hosts": {"bad host": {"host_key": "ssh-ed25519 AAAA"}}},
-            "build_infra_remote_hosts.bad host: 'bad host' is not a valid host name",
-        ),
-        (
-            {"build_infra_remote_hosts": {"h.example": {"host_key": "AAAA"}}},
-            "build_infra_remote_hosts.h.example.host_key: expected 'TYPE BASE64'",
-        ),
-        *(
-            (
-                {"build_infra_remote_hosts": {"h.example": {"host_key": KEY, "port": port}}},
-                f"build_infra_remote_hosts.h.example.port: {port!r} must be a TCP port",
-            )
-            for port in (0, 65536, "2222", True, None)
-        ),
-        (
-            {"build_infra_build_template": "fedora 43"},
-            "build_infra_build_template: qube name 'fedora 43'",
-        ),
-        ({"build_infra_envs": ["fedora"]}, "build_infra_envs: must be a mapping"),
-        (
-            {"build_infra_net_template": "debian 12"},
-            "build_infra_net_template: qube name 'debian 12'",
-        ),
-        (
-            {"build_infra_net_template": "build-fedora", **with_env()},
-            "build_infra_net_template: 'build-fedora' is also the build qube of env 'fedora'",
-        ),
-    ],
+from ansible_collections.qubes_infra.build.plugins.module_utils.qrexec_policy import (
+    Policy,
+    Qube,
+    Request,
+    System,
 )
-def test_bad_input_is_refused_with_a_clear_message(variables: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError) as error:
-        load(variables)
-    assert message in str(error.value)
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.build_envs import ConfigError, load
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.dom0_policy import (
+    INFRA_TAG,
+    SHARED_SECTION,
+    PolicyFileError,
+    flow_matrix,
+    limited_policy_rules,
+    policy_rules,
+    validate_admin_qubes,
+)
+
+from tests.unit.plugin_utils.test_build_envs import EXAMPLE
 
 
 def test_policy_rules_load_and_decide_the_matrix() -> None:
     """The generated policy, evaluated by the engine, gives every verdict of the flow matrix."""
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        INFRA_TAG,
-        flow_matrix,
-        policy_rules,
-    )
-    from ansible_collections.qubes_infra.build.plugins.module_utils.qrexec_policy import (
-        Policy,
-        Qube,
-        Request,
-        System,
-    )
 
     infrastructure = load(EXAMPLE)
     tagged = frozenset({INFRA_TAG})
@@ -221,10 +61,6 @@ def _section(rules: list[str], env: str) -> list[str]:
 
 
 def test_a_limited_policy_changes_only_its_environments_sections() -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        limited_policy_rules,
-        policy_rules,
-    )
 
     installed = policy_rules(load(EXAMPLE), ("mgmt",))
     changed = load({**EXAMPLE, "build_infra_remote_hosts": {}, "build_infra_netvm": "sys-other"})
@@ -243,10 +79,6 @@ def test_a_limited_policy_changes_only_its_environments_sections() -> None:
 
 
 def test_a_limited_policy_keeps_an_environment_no_longer_described() -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        limited_policy_rules,
-        policy_rules,
-    )
 
     installed = policy_rules(load(EXAMPLE))
     without_kernel = {
@@ -259,9 +91,6 @@ def test_a_limited_policy_keeps_an_environment_no_longer_described() -> None:
 
 
 def test_a_limited_policy_on_a_host_without_one_has_only_its_environments() -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        limited_policy_rules,
-    )
 
     rules = limited_policy_rules(load(EXAMPLE), {"fedora"}, "")
     assert not any("build-kernel" in rule for rule in rules)
@@ -270,27 +99,12 @@ def test_a_limited_policy_on_a_host_without_one_has_only_its_environments() -> N
 
 
 def test_a_policy_file_without_sections_is_refused_under_a_limit() -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        PolicyFileError,
-        limited_policy_rules,
-    )
 
     earlier = "# Managed by Ansible\nqubes.Gpg * build-kernel keys-kernel allow\n"
     with pytest.raises(PolicyFileError) as error:
         limited_policy_rules(load(EXAMPLE), {"fedora"}, earlier)
     assert "'qubes.Gpg * build-kernel keys-kernel allow'" in str(error.value)
     assert "without --limit" in str(error.value)
-
-
-def test_the_environments_of_some_qubes() -> None:
-    infrastructure = load(EXAMPLE)
-    assert infrastructure.envs_of(["dom0", "keys-kernel", "build-logs"]) == ["kernel"]
-    assert infrastructure.envs_of(["dom0", "logs-kernel", "sys-net"]) == []
-    assert sorted(infrastructure.qubes({"kernel"})) == [
-        "build-kernel",
-        "keys-kernel",
-        "logs-kernel",
-    ]
 
 
 # -- admin qubes (dom0_admin_qubes) ---------------------------------------------------------------
@@ -309,10 +123,6 @@ def _admin_rules(admin: str, target: str) -> list[str]:
 def test_admin_qubes_reach_every_qube_the_site_configures() -> None:
     """The tagged qubes, each template of the infrastructure and the net qube, with both
     services; VMRootShell names root (Qubes 4.2 has no rpc-config forcing it)."""
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        SHARED_SECTION,
-        policy_rules,
-    )
 
     rules = policy_rules(load(WITH_NET_TEMPLATE), ["mgmt", "ansible-2"])
     shared = rules[rules.index(SHARED_SECTION) :]
@@ -337,7 +147,6 @@ def test_admin_qubes_reach_every_qube_the_site_configures() -> None:
 
 
 def test_without_admin_qubes_the_shared_section_allows_nothing() -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import policy_rules
 
     assert not any(" allow" in rule and "qubes.VM" in rule for rule in policy_rules(load(EXAMPLE)))
 
@@ -346,18 +155,11 @@ def test_without_admin_qubes_the_shared_section_allows_nothing() -> None:
     "name", ["mgmt", "admin_1", "Ansible-Controller", "a", "m" * 31, "sys-net-admin"]
 )
 def test_admin_qube_names_are_accepted(name: str) -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        validate_admin_qubes,
-    )
 
     assert validate_admin_qubes(load(WITH_NET_TEMPLATE), [name]) == (name,)
 
 
 def test_an_admin_qube_named_twice_gets_its_rules_once() -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        policy_rules,
-        validate_admin_qubes,
-    )
 
     infrastructure = load(EXAMPLE)
     assert validate_admin_qubes(infrastructure, ["mgmt", "other", "mgmt"]) == ("mgmt", "other")
@@ -419,11 +221,6 @@ OF_ITS_OWN = "; an admin qube must be a qube of its own"
 def test_admin_qubes_that_are_not_an_admin_qube_of_their_own_are_refused(
     admins: object, message: str
 ) -> None:
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        limited_policy_rules,
-        policy_rules,
-        validate_admin_qubes,
-    )
 
     infrastructure = load(WITH_NET_TEMPLATE)
     with pytest.raises(ConfigError) as error:
@@ -473,16 +270,6 @@ def test_admin_qubes_under_each_release_s_default_policy(
     after it: an admin qube's qubes.VMShell and qubes.VMRootShell (as root) reach the templates,
     the net qube and the tagged qubes, by our rules; no qube outside the infrastructure, and
     none of its qubes for another caller."""
-    from ansible_collections.qubes_infra.build.plugins.module_utils.build_envs import (
-        INFRA_TAG,
-        policy_rules,
-    )
-    from ansible_collections.qubes_infra.build.plugins.module_utils.qrexec_policy import (
-        Policy,
-        Qube,
-        Request,
-        System,
-    )
     from ansible_collections.qubes_infra.build.plugins.modules.qrexec_policy import (
         DEFAULT_HEADER,
         render,

@@ -3,7 +3,7 @@ role): none is a pass; any is a failure that names the first and points at what 
 
 from __future__ import annotations
 
-from ansible_collections.qubes_infra.build.plugins.module_utils.verify_report import (
+from ansible_collections.qubes_infra.build.plugins.plugin_utils.verify_report import (
     MAX_SHOWN,
     logs_rows,
 )

@@ -1,24 +1,26 @@
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The build environments, from the `build_infra_*` variables: validation and the qubes they make.
 
-One implementation for the inventory plugin and the roles. Validation happens at once, before
-anything changes, and every error names the environment (or variable), the key and the rule.
-Standard library only; no Ansible import.
+One implementation for the inventory plugin, the preflight's action and the roles' filters.
+Validation happens at once, before anything changes, and every error names the environment (or
+variable), the key and the rule. Controller only; standard library and the collection's own
+code, no other Ansible import.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ansible_collections.qubes_infra.build.plugins.module_utils.sizes import SizeError, parse_size
 
 NAME_MAX = 31
 _QUBE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]*\Z")
 _RELEASE = re.compile(r"[0-9]+\.[0-9]+\Z")
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}\Z")
-_SIZE = re.compile(r"([0-9]+)\s*([KMGT]i?B?|B?)\Z", re.IGNORECASE)
 _HOST = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
@@ -26,18 +28,6 @@ _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
 _HOST_KEY = re.compile(
     r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}\Z"
 )
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1000,
-    "M": 1000**2,
-    "G": 1000**3,
-    "T": 1000**4,
-    "KI": 1024,
-    "MI": 1024**2,
-    "GI": 1024**3,
-    "TI": 1024**4,
-}
 
 DEFAULTS = {
     "build_infra_netvm": "sys-net",
@@ -196,18 +186,11 @@ def qube_name(value: object, where: str) -> str:
     return value
 
 
-def parse_size(value: object, where: str) -> int:
-    text = (
-        str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
-    )
-    match = _SIZE.match(text)
-    if not match or int(match.group(1)) == 0:
-        raise ConfigError(
-            f"{where}: size {value!r} must be a positive number with an optional unit "
-            "(for example 20GiB, 512MiB, 10G)"
-        )
-    unit = match.group(2).upper().rstrip("B")
-    return int(match.group(1)) * _UNITS[unit]
+def _size(value: object, where: str) -> int:
+    try:
+        return parse_size(value, where)
+    except SizeError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _fingerprint(value: object, where: str) -> str:
@@ -284,7 +267,7 @@ def _env(name: object, value: object) -> Env:
     return Env(
         name=name,
         logs=qube_name(data.get("logs") or DEFAULT_LOGS, f"{where}.logs"),
-        volume_size=None if size is None else parse_size(size, f"{where}.volume_size"),
+        volume_size=None if size is None else _size(size, f"{where}.volume_size"),
         sign_key=None if sign_key is None else _fingerprint(sign_key, f"{where}.sign_key"),
         builders=tuple(_builder(b, f"{where}.builders[{i}]") for i, b in enumerate(builders)),
     )
@@ -427,212 +410,3 @@ def load(variables: dict[str, Any]) -> Infrastructure:
     )
     _check_distinct(infrastructure)
     return infrastructure
-
-
-# -- dom0 policy -----------------------------------------------------------------------------------
-INFRA_TAG = "qubes-infra-build"
-INFRA_SERVICES = (
-    "qubesbuilder.BuildLog",
-    "qubesbuilder.LogReceived",
-    "qubesbuilder.TriggerBuild",
-    "qubesbuilder.ProcessGithubCommand",
-    "local.ConnectSSH",
-)
-
-
-# The policy file is made of sections, each opened by one of these comments: one per environment,
-# then the rules of every environment. A run limited to some environments rewrites their sections
-# and keeps the others as installed.
-ENV_SECTION = "# Environment {name}: build logs, signing, webhooks and ssh of its qubes."
-SHARED_SECTION = "# Every environment: admin qubes, then nothing else to or among these qubes."
-_SECTION = re.compile(r"# (?:Environment (?P<env>[A-Za-z0-9_-]+)|Every environment):")
-
-
-class PolicyFileError(ValueError):
-    """An installed policy file this collection cannot split into its sections."""
-
-
-ADMIN_QUBES = "dom0_admin_qubes"
-
-
-def validate_admin_qubes(infrastructure: Infrastructure, value: object) -> tuple[str, ...]:
-    """The admin qubes named in dom0_admin_qubes, each once, or ConfigError naming the entry and
-    the rule: a qube name (no policy keyword, which would stand for other qubes too), not dom0,
-    and none of the qubes the infrastructure configures (an admin qube must be a qube of its own,
-    or a qube of the infrastructure would drive all the others)."""
-    if value is None:
-        return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{ADMIN_QUBES}: must be a list of qube names, not {value!r}")
-    configured = infrastructure.configured_qubes()
-    admins: list[str] = []
-    for entry in value:
-        if isinstance(entry, str) and entry.startswith("@"):
-            raise ConfigError(
-                f"{ADMIN_QUBES}: {entry!r} is not a qube name: policy keywords (@anyvm,"
-                " @tag:..., @type:..., @adminvm, @dispvm...) stand for other qubes too; name"
-                " each admin qube"
-            )
-        if entry == "dom0":
-            raise ConfigError(
-                f"{ADMIN_QUBES}: 'dom0' is not a qube to name here: dom0 is not subject to"
-                " policy and reaches every qube already; name only admin qubes besides dom0"
-            )
-        qube_name(entry, ADMIN_QUBES)
-        if entry in configured:
-            raise ConfigError(
-                f"{ADMIN_QUBES}: {entry!r} is {configured[entry]}; an admin qube must be a qube"
-                " of its own"
-            )
-        if entry not in admins:
-            admins.append(entry)
-    return tuple(admins)
-
-
-def env_policy_rules(infrastructure: Infrastructure, env: Env) -> list[str]:
-    """The section of one environment: each of its flows (DESIGN.md), and no other."""
-    net = infrastructure.netvm
-    return [
-        ENV_SECTION.format(name=env.name),
-        # Build logs go to the logs qube; its receipt opens the signing window in keys-ENV.
-        f"qubesbuilder.BuildLog * {env.build_vm} dom0 allow target={env.logs}",
-        f"qubesbuilder.LogReceived +{env.build_vm} {env.logs} dom0 allow target={env.keys_vm}",
-        # Split-GPG: the build qube signs with its own keys qube only.
-        f"qubes.Gpg * {env.build_vm} {env.keys_vm} allow",
-        f"qubes.Gpg * {env.build_vm} @default allow target={env.keys_vm}",
-        # Webhooks received in the net qube start builds.
-        f"qubesbuilder.TriggerBuild * {net} {env.build_vm} allow",
-        f"qubesbuilder.ProcessGithubCommand * {net} {env.build_vm} allow",
-        # ssh to the allowed hosts only, through the net qube.
-        *(
-            f"local.ConnectSSH +{host} {env.build_vm} {net} allow"
-            for host in infrastructure.ssh_hosts
-        ),
-    ]
-
-
-def admin_targets(infrastructure: Infrastructure) -> list[str]:
-    """Where an admin qube runs Ansible: every qube the site configures. The build, keys and
-    logs qubes by their tag; the templates and the net qube by name (they are not tagged: the
-    final denial of the tagged qubes would close them to every other caller, the net qube's
-    and the templates' own Qubes services included)."""
-    return [f"@tag:{INFRA_TAG}", *infrastructure.templates, infrastructure.netvm]
-
-
-def shared_policy_rules(
-    infrastructure: Infrastructure, admin_qubes: tuple[str, ...] = ()
-) -> list[str]:
-    """The section of every environment: the admin qubes, then the denial of everything else.
-
-    The build, keys and logs qubes carry the INFRA_TAG, so that one rule closes them to any call
-    not allowed above it; dom0 (the Ansible controller by default) is not subject to policy.
-    `admin_qubes` are names validate_admin_qubes accepted.
-    """
-    rules = [SHARED_SECTION]
-    targets = list(dict.fromkeys(admin_targets(infrastructure)))
-    for admin in admin_qubes:
-        for target in targets:
-            # Qubes 4.2 runs qubes.VMRootShell as the rule's user (4.3 forces root): name root.
-            rules += [
-                f"qubes.VMShell * {admin} {target} allow",
-                f"qubes.VMRootShell * {admin} {target} allow user=root",
-            ]
-    for service in INFRA_SERVICES:
-        rules += [f"{service} * @anyvm @anyvm deny", f"{service} * @anyvm @adminvm deny"]
-    rules.append(f"* * @anyvm @tag:{INFRA_TAG} deny")
-    return rules
-
-
-def policy_rules(infrastructure: Infrastructure, admin_qubes: Sequence[str] = ()) -> list[str]:
-    """Every flow of the infrastructure, one section per environment, then denials for
-    everything else among its qubes."""
-    admins = validate_admin_qubes(infrastructure, admin_qubes)
-    rules = []
-    for env in infrastructure.envs:
-        rules += env_policy_rules(infrastructure, env)
-    return rules + shared_policy_rules(infrastructure, admins)
-
-
-def policy_sections(text: str) -> tuple[dict[str, list[str]], list[str]]:
-    """An installed policy file split into its environments' sections and the shared one.
-
-    Comments before the first section (the file's header) belong to none; a rule there means the
-    file was not written in sections, and its environments cannot be told apart.
-    """
-    envs: dict[str, list[str]] = {}
-    shared: list[str] = []
-    section: list[str] | None = None
-    for line in filter(None, (raw.strip() for raw in text.splitlines())):
-        match = _SECTION.match(line)
-        if match:
-            section = envs.setdefault(match["env"], []) if match["env"] else shared
-        elif section is None and not line.startswith("#"):
-            raise PolicyFileError(
-                f"the installed policy has the rule {line!r} outside any environment's section"
-                " (a file from an earlier version): apply it once without --limit"
-            )
-        if section is not None:
-            section.append(line)
-    return envs, shared
-
-
-def limited_policy_rules(
-    infrastructure: Infrastructure,
-    envs: Collection[str],
-    installed: str,
-    admin_qubes: Sequence[str] = (),
-) -> list[str]:
-    """The policy of a run limited to `envs`: their sections as described now, every other
-    section (environments and shared rules) exactly as installed. The admin qubes are validated
-    even when the installed shared section is kept."""
-    admins = validate_admin_qubes(infrastructure, admin_qubes)
-    installed_envs, installed_shared = policy_sections(installed)
-    described = {env.name: env for env in infrastructure.envs if env.name in envs}
-    rules = []
-    for name in sorted(set(installed_envs) | set(described)):
-        if name in described:
-            rules += env_policy_rules(infrastructure, described[name])
-        else:
-            rules += installed_envs[name]
-    return rules + (installed_shared or shared_policy_rules(infrastructure, admins))
-
-
-def expected_flows(infrastructure: Infrastructure) -> dict[tuple[str, str, str], str]:
-    """(source, requested target, SERVICE[+ARG]) -> the qube the call runs in, for every call the
-    infrastructure needs (the rows of DESIGN.md's diagram)."""
-    flows: dict[tuple[str, str, str], str] = {}
-    for env in infrastructure.envs:
-        build, keys = env.build_vm, env.keys_vm
-        flows[(build, "dom0", "qubesbuilder.BuildLog")] = env.logs
-        flows[(env.logs, "dom0", f"qubesbuilder.LogReceived+{build}")] = keys
-        flows[(build, keys, "qubes.Gpg")] = keys
-        flows[(build, "@default", "qubes.Gpg")] = keys
-        flows[(infrastructure.netvm, build, "qubesbuilder.TriggerBuild+component")] = build
-        flows[(infrastructure.netvm, build, "qubesbuilder.ProcessGithubCommand")] = build
-        for host in infrastructure.ssh_hosts:
-            flows[(build, infrastructure.netvm, f"local.ConnectSSH+{host}")] = infrastructure.netvm
-    return flows
-
-
-def flow_matrix(infrastructure: Infrastructure) -> list[dict[str, str]]:
-    """Every call among the infrastructure's qubes worth checking, with what policy must decide:
-    `expect` is the qube it must run in, or empty when it must be refused."""
-    qubes = [*infrastructure.qubes(), infrastructure.netvm]
-    services = sorted({flow[2] for flow in expected_flows(infrastructure)})
-    services += [
-        f"qubesbuilder.LogReceived+{qube}" for qube in qubes if not qube.startswith("build-")
-    ]
-    services += ["local.ConnectSSH+example.invalid", "qubes.Filecopy", "qubes.VMShell"]
-    expected = expected_flows(infrastructure)
-    return [
-        {
-            "source": source,
-            "target": target,
-            "service": service,
-            "expect": expected.get((source, target, service), ""),
-        }
-        for source in qubes
-        for target in ["dom0", "@default", *qubes]
-        if target != source
-        for service in services
-    ]
