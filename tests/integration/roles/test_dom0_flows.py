@@ -87,11 +87,20 @@ def test_the_dom0_tool_agrees(converged: None, qvm: Qvm) -> None:
     assert denied.returncode == 1
 
 
+# Seconds a real call may take: qrexec answers a refusal or a missing service at once.
+CALL_SECONDS = 10
+
+
 def real_calls(qvm: Qvm, source: str, calls: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Make every (target, service) call from inside `source` (one qvm-run for all of them)."""
+    """Make every (target, service) call from inside `source` (one qvm-run for all of them).
+
+    A call that reached a service which waits (split-GPG's qubes.Gpg asks the person at the
+    screen when the keys qube is not configured yet) is cut after CALL_SECONDS: exit 124, which
+    is not dom0's refusal (126)."""
     quiet = "</dev/null >/dev/null 2>&1"
     script = "".join(
-        f'qrexec-client-vm {target} {service} {quiet}; echo "{target} {service} $?"\n'
+        f"timeout {CALL_SECONDS} qrexec-client-vm {target} {service} {quiet};"
+        f' echo "{target} {service} $?"\n'
         for target, service in calls
     )
     output = qvm("qvm-run", "--pass-io", source, "sh", input=script).stdout
@@ -107,7 +116,7 @@ def _full_name(entry: dict[str, object]) -> str:
 
 def test_real_calls_between_qubes_follow_the_policy(converged: None, qvm: Qvm) -> None:
     """The whole matrix again, by real calls from inside each qube: an allowed call reaches its
-    target (the services are not installed yet, so the target answers 127), a refused one gets
+    target (whatever its service then answers: most are not installed yet), a refused one gets
     126 from dom0; the audit log shows where each allowed call ran."""
     started = datetime.now(UTC)
     expected = expected_flows()
