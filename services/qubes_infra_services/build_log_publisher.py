@@ -69,7 +69,7 @@ class PublishError(Exception):
 
 
 def load_config() -> dict[str, Any]:
-    """The settings the build_logs role wrote; BUILD_LOGS_CONFIG names another file (tests)."""
+    """The settings the build_logs role wrote, in the file BUILD_LOGS_CONFIG names."""
     config = load_settings(settings_path("BUILD_LOGS_CONFIG", CONFIG), DEFAULTS)
     config["directory"] = os.path.expanduser(config["directory"])
     return config

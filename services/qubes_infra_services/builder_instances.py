@@ -53,7 +53,7 @@ BUILDERS_LIST_LINE = re.compile(r"r(?P<release>[0-9][0-9.]*)=(?P<dir>/[^=]+)")
 
 
 def load_config() -> dict[str, Any]:
-    """The settings the build_vm role wrote; BUILD_SERVICES_CONFIG names another file (tests)."""
+    """The settings the build_vm role wrote, in the file BUILD_SERVICES_CONFIG names."""
     config = load_settings(settings_path("BUILD_SERVICES_CONFIG", CONFIG), DEFAULTS)
     for name in PATHS:
         config[name] = os.path.expanduser(config[name])

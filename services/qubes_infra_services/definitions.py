@@ -88,7 +88,8 @@ def printable(
 
 
 def settings_path(variable: str, default: str) -> str:
-    """The settings file a role wrote, or the one the environment variable names (tests)."""
+    """The settings file the environment variable names (the role's service sets it to where the
+    role wrote them; tests name their own), else the default place."""
     return os.environ.get(variable) or default
 
 

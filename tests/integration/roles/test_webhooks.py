@@ -263,6 +263,17 @@ def test_the_role_refuses_to_deploy_without_a_secret(hooks: Hooks) -> None:
     assert after == before
 
 
+def test_the_role_refuses_a_folder_that_does_not_persist(hooks: Hooks) -> None:
+    """/etc of an AppVM is its template's, and what the role wrote there would go at the next
+    shutdown: the role stops before it changes anything, naming the variable."""
+    refused = hooks.play(
+        "-e", "webhooks_etc_dir=/etc/qubes-infra-build", "--limit", f"localhost,{NET}"
+    )
+    assert refused.returncode != 0
+    assert "webhooks_etc_dir must be a folder that persists in the net qube" in refused.stdout
+    assert as_root(NET, "test -e /etc/qubes-infra-build", check=False).returncode == 1
+
+
 def main_pid(unit: str) -> str:
     return as_root(NET, f"systemctl show --property=MainPID --value {unit}").stdout.strip()
 

@@ -42,8 +42,8 @@ UPLOAD_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFB
 
 def builder_github_conf(**variables: object) -> str:
     values: dict[str, object] = {
-        "build_vm_env": ENVIRONMENT,
-        "build_vm_builds_sign_key": SIGN_KEY,
+        "_build_vm_env": ENVIRONMENT,
+        "__build_vm_builds_sign_key": SIGN_KEY,
         **variables,
     }
     return render_template("build_vm", "builder-github.conf.j2", **values)
@@ -115,7 +115,7 @@ def test_given_settings_are_written() -> None:
             build_vm_github_state_dir="/srv/notify",
             build_vm_github_build_report_repo="example/reports",
             build_vm_github_api_key="ghp_0123456789abcdefABCDEF0123456789abcd",
-            build_vm_builds_sign_key="",
+            __build_vm_builds_sign_key="",
         )
     )
     assert written["GITHUB_STATE_DIR"] == "/srv/notify"
@@ -245,7 +245,7 @@ def test_builders_list_has_qubes_builder_lines_only() -> None:
             {"release": "4.3", "dir": "/home/user/builder-r4.3", "config_file": "R4.3/host.conf"},
         ]
     }
-    rendered = render_template("build_vm", "builders.list.j2", build_vm_env=environment)
+    rendered = render_template("build_vm", "builders.list.j2", _build_vm_env=environment)
     assert rendered.splitlines()[1:] == [
         "r4.2=/home/user/builder-r4.2",
         "r4.3=/home/user/builder-r4.3",

@@ -62,7 +62,7 @@ def test_the_readme_says_which_distributions_build() -> None:
 
 
 def managers() -> dict[str, Any]:
-    return role_file("templates", "vars/main.yml")["templates_package_managers"]
+    return role_file("templates", "vars/main.yml")["_templates_package_managers"]
 
 
 @pytest.mark.parametrize(("manager", "module"), [("dnf5", "dnf5"), ("dnf", "dnf"), ("apt", "apt")])
@@ -84,8 +84,8 @@ def test_every_manager_lists_installs_and_names_its_library() -> None:
 
 
 def installed(lines: list[str]) -> list[str]:
-    text = role_file("templates", "vars/main.yml")["templates_installed"]
-    return render_expression(text, templates_listing={"stdout_lines": lines})
+    text = role_file("templates", "vars/main.yml")["_templates_installed"]
+    return render_expression(text, __templates_listing={"stdout_lines": lines})
 
 
 def test_the_listing_keeps_installed_packages_only() -> None:

@@ -114,8 +114,8 @@ def start_listener(root: Path, **variables: object) -> Iterator[Listener]:
                 "call_timeout": 5, "max_command_bytes": 8192}  # fmt: skip
     (root / "webhooks.json").write_text(json.dumps(settings))
     port = free_port()
-    values = {**VALUES, "webhooks_run_dir": str(run), "webhooks_state_dir": str(state),
-              "webhooks_nginx_body_dir": str(root / "body"), "webhooks_port": port,
+    values = {**VALUES, "_webhooks_run_dir": str(run), "_webhooks_state_dir": str(state),
+              "_webhooks_nginx_body_dir": str(root / "body"), "webhooks_port": port,
               **variables}  # fmt: skip
     configuration = render_template("webhooks", "webhooks-nginx.conf.j2", **values)
     if os.geteuid() == 0:

@@ -29,8 +29,8 @@ def role_values() -> dict[str, Any]:
 
 
 VALUES = role_values()
-UNITS = VALUES["webhooks_units"]
-TARGET = VALUES["webhooks_target"]
+UNITS = VALUES["_webhooks_units"]
+TARGET = VALUES["_webhooks_target"]
 
 
 def parse(text: str) -> Unit:
@@ -83,13 +83,13 @@ def test_each_service_comes_back_and_runs_sandboxed(name: str) -> None:
     }.items():
         assert service[key] == [value], (name, key)
     [writable] = service["ReadWritePaths"]
-    assert writable.startswith(VALUES["webhooks_state_dir"])
+    assert writable.startswith(VALUES["_webhooks_state_dir"])
 
 
 def test_the_receiver_and_the_worker_run_as_the_user_without_privilege_or_network() -> None:
     for name in (UNITS["receiver"], UNITS["worker"]):
         service = rendered(name)["Service"]
-        assert service["User"] == service["Group"] == [VALUES["webhooks_service_user"]]
+        assert service["User"] == service["Group"] == [VALUES["_webhooks_service_user"]]
         assert service["CapabilityBoundingSet"] == [""]
         assert service["PrivateNetwork"] == ["yes"]
         assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
@@ -117,7 +117,7 @@ def test_nginx_reaches_the_receiver_and_keeps_its_files_in_its_runtime_and_state
         path.startswith(f"{runtime}/") for path in temporary.values()
     )
     # The firewall step runs as root outside the sandbox; nginx itself gets no CAP_NET_ADMIN.
-    assert nginx["ExecStartPre"] == [f"+{VALUES['webhooks_firewall']}"]
+    assert nginx["ExecStartPre"] == [f"+{VALUES['_webhooks_firewall']}"]
     assert "CAP_NET_ADMIN" not in one(nginx, "CapabilityBoundingSet")
     assert one(nginx, "ExecStart").endswith(f"-c {VALUES['webhooks_etc_dir']}/webhooks-nginx.conf")
 
@@ -138,9 +138,9 @@ def test_the_units_run_the_services_package_as_its_tests_do() -> None:
     """gunicorn serves the package's receiver from the programs' folder, where the role puts the
     package; the worker's unit runs the entry point the role copies there."""
     lib = VALUES["webhooks_lib_dir"]
-    assert VALUES["webhooks_package_dir"] == f"{lib}/qubes_infra_services"
+    assert VALUES["_webhooks_package_dir"] == f"{lib}/qubes_infra_services"
     receiver = one(rendered(UNITS["receiver"])["Service"], "ExecStart")
     assert receiver.endswith(f"--chdir {lib} {RECEIVER_APPLICATION}")
     worker = one(rendered(UNITS["worker"])["Service"], "ExecStart")
     assert worker == f"/usr/bin/python3 {lib}/webhook_worker.py"
-    assert (SERVICES / VALUES["webhooks_worker_program"]).is_file()
+    assert (SERVICES / VALUES["_webhooks_worker_program"]).is_file()
