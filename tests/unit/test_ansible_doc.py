@@ -1,10 +1,11 @@
-"""`ansible-doc` renders every plugin, module, filter and role of the collection, as users read it.
+"""`ansible-doc` renders every plugin, module, filter, test and role of the collection, as users
+read it.
 
-What to check is taken from the tree (the plugin files, the filters each filter plugin returns, the
-roles' argument specs), so a new plugin or role is checked without touching this file. Each one is
-rendered by the real ansible-doc against the `.collections` link tree, the way an installed
-collection is found: it must exit 0, print nothing on stderr (Ansible's warnings and errors go
-there) and name the plugin and every option its documentation declares.
+What to check is taken from the tree (the plugin files, the filters and tests each Jinja plugin file
+provides, the roles' argument specs), so a new plugin or role is checked without touching this file.
+Each one is rendered by the real ansible-doc against the `.collections` link tree, the way an
+installed collection is found: it must exit 0, print nothing on stderr (Ansible's warnings and
+errors go there) and name the plugin and every option its documentation declares.
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ def python_plugins() -> list[tuple[str, str]]:
     ]
 
 
-def filters() -> list[str]:
-    """The filters the collection's filter plugins really provide (not the documented ones)."""
+# Jinja plugin types: the class each plugin file defines and the method listing what it provides.
+JINJA_PLUGINS = {"filter": ("FilterModule", "filters"), "test": ("TestModule", "tests")}
+
+
+def jinja_plugins(plugin_type: str) -> list[str]:
+    """The filters or tests the collection's plugin files really provide (not the documented
+    ones)."""
+    class_name, method = JINJA_PLUGINS[plugin_type]
     names: list[str] = []
-    for path in sorted((REPOSITORY / "plugins" / "filter").glob("*.py")):
-        module = importlib.import_module(f"{PACKAGE}.plugins.filter.{path.stem}")
-        names += sorted(module.FilterModule().filters())
+    for path in sorted((REPOSITORY / "plugins" / plugin_type).glob("*.py")):
+        module = importlib.import_module(f"{PACKAGE}.plugins.{plugin_type}.{path.stem}")
+        names += sorted(getattr(getattr(module, class_name)(), method)())
     return names
 
 
@@ -123,14 +130,17 @@ def test_python_plugin_renders(plugin_type: str, name: str, tmp_path: Path) -> N
     assert_names(text, plugin_type, name, None if options == {} else list(options or {}))
 
 
-@pytest.mark.parametrize("name", filters())
-def test_filter_renders(name: str, tmp_path: Path) -> None:
-    path = REPOSITORY / "plugins" / "filter" / f"{name}.yml"
-    assert path.is_file(), f"filter {name} has no documentation file {path.name}"
-    text = ansible_doc("filter", name, tmp_path)
+@pytest.mark.parametrize(
+    ("plugin_type", "name"),
+    [(plugin_type, name) for plugin_type in JINJA_PLUGINS for name in jinja_plugins(plugin_type)],
+)
+def test_filter_and_test_renders(plugin_type: str, name: str, tmp_path: Path) -> None:
+    path = REPOSITORY / "plugins" / plugin_type / f"{name}.yml"
+    assert path.is_file(), f"{plugin_type} {name} has no documentation file {path.name}"
+    text = ansible_doc(plugin_type, name, tmp_path)
     documentation = yaml.safe_load(path.read_text())["DOCUMENTATION"]
     assert documentation["name"] == name
-    assert_names(text, "filter", name, list(documentation.get("options") or {}))
+    assert_names(text, plugin_type, name, list(documentation.get("options") or {}))
 
 
 @pytest.mark.parametrize("name", roles())
@@ -173,6 +183,10 @@ def test_the_readme_lists_all_included_content() -> None:
     for plugin_type, name in python_plugins():
         kind = "" if plugin_type == "module" else f" {plugin_type} |"
         needed.append(f"| `{COLLECTION}.{name}` |{kind}")
-    needed += [f"| `{COLLECTION}.{name}` | filter |" for name in filters()]
+    needed += [
+        f"| `{COLLECTION}.{name}` | {plugin_type} |"
+        for plugin_type in JINJA_PLUGINS
+        for name in jinja_plugins(plugin_type)
+    ]
     missing = [entry for entry in needed if entry not in section]
     assert not missing, f"README.md's Included content lacks {missing}"
