@@ -199,7 +199,6 @@ floor-site: bootstrap $(FLOOR_VENV)/.installed
 	$(FLOOR_IN_DOM0) ansible-playbook -i inventory/qubesim/build_infra.yml \
 	  -e @"$$($(QUBESIM) world variables)" playbooks/verify.yml
 
-# Timing lives here, never in tests: ratios measured side by side in one run.
 # The molecule scenarios (extensions/molecule: one per role and `default`, the whole site) on
 # qubesim's example inventory with the world's variables; SCENARIO=NAME runs one of them.
 molecule: bootstrap
@@ -209,6 +208,7 @@ molecule: bootstrap
 	  QUBES_INFRA_MOLECULE_VARS="$$($(QUBESIM) world variables)" \
 	  molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
 
+# Timing lives here, never in tests: ratios measured side by side in one run.
 bench: bootstrap
 	$(QUBESIM) init
 	$(QUBESIM) dom0 -- python bench/connection/run.py
