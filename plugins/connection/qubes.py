@@ -225,7 +225,6 @@ from ansible_collections.qubes_infra.build.plugins.plugin_utils.qubes_agent impo
 
 display = Display()
 
-
 CONTROL_DIRECTORY = "~/.ansible/cp"
 # Characters of a qube's text (stderr, error messages) shown to the operator at most.
 SHOWN = 300
